@@ -1,0 +1,55 @@
+"""Control-plane settings: one frozen dataclass, read once from the environment.
+
+``.chalice/config.json`` sets these variables per stage; the sandbox and the tests set
+them directly.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _mapping(value: str) -> dict[str, str]:
+    """Parse ``"us-east-1a=subnet-1,us-east-1b=subnet-2"``."""
+    pairs = (item.split("=", 1) for item in _split(value))
+    return {key.strip(): val.strip() for key, val in pairs}
+
+
+@dataclass(frozen=True)
+class Config:
+    table_name: str
+    region: str
+    api_url: str = ""  # where instance agents report; empty until the first deploy
+    bucket: str = ""  # default bucket for results when a job names none
+    signing_key: str = ""  # HMAC key for per-job secrets (sandbox and tests)
+    signing_key_parameter: str = ""  # SSM SecureString holding the key (deployed stages)
+    ami_id: str = ""
+    ami_parameter: str = ""  # SSM public parameter resolving to the AMI id
+    instance_profile: str = ""
+    subnets: dict[str, str] = field(default_factory=dict)  # AZ -> subnet id
+    security_groups: tuple[str, ...] = ()
+    stage: str = "dev"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Config:
+        env = dict(os.environ) if env is None else env
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        return cls(
+            table_name=env.get("SPOTCTL_TABLE", "spotctl-jobs"),
+            region=region,
+            api_url=env.get("SPOTCTL_API_URL", "").rstrip("/"),
+            bucket=env.get("SPOTCTL_BUCKET", ""),
+            signing_key=env.get("SPOTCTL_SIGNING_KEY", ""),
+            signing_key_parameter=env.get("SPOTCTL_SIGNING_KEY_PARAMETER", ""),
+            ami_id=env.get("SPOTCTL_AMI_ID", ""),
+            ami_parameter=env.get("SPOTCTL_AMI_PARAMETER", ""),
+            instance_profile=env.get("SPOTCTL_INSTANCE_PROFILE", ""),
+            subnets=_mapping(env.get("SPOTCTL_SUBNETS", "")),
+            security_groups=_split(env.get("SPOTCTL_SECURITY_GROUPS", "")),
+            stage=env.get("SPOTCTL_STAGE", "dev"),
+        )

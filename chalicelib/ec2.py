@@ -1,0 +1,266 @@
+"""The EC2 gateway: only the calls the control plane makes, errors made typed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from botocore.exceptions import ClientError
+
+from chalicelib.errors import (
+    Ec2Failure,
+    InsufficientCapacity,
+    ResourceMissing,
+    SpotPriceTooLow,
+    VolumeBusy,
+)
+from chalicelib.models import Candidate, Pool
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2 import EC2Client
+
+InstanceStateName = Literal[
+    "pending", "running", "stopping", "stopped", "shutting-down", "terminated", "missing"
+]
+
+# The device name we ask for; on Nitro the kernel names it /dev/nvme<N>n1 anyway and
+# the agent finds it by serial (the volume id without the hyphen).
+DATA_DEVICE = "/dev/sdf"
+
+_CAPACITY_CODES = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "Unsupported",  # the type is not offered in this AZ
+        "MaxSpotInstanceCountExceeded",
+        "InstanceLimitExceeded",
+        "VcpuLimitExceeded",
+    }
+)
+_PRICE_CODES = frozenset({"SpotMaxPriceTooLow"})
+_BUSY_CODES = frozenset({"VolumeInUse", "IncorrectState", "InvalidVolume.NotFound.Transient"})
+_MISSING_CODES = frozenset(
+    {"InvalidVolume.NotFound", "InvalidInstanceID.NotFound", "InvalidSnapshot.NotFound"}
+)
+
+
+@dataclass(frozen=True)
+class InstanceView:
+    instance_id: str
+    state: InstanceStateName
+    az: str = ""
+
+    @property
+    def gone(self) -> bool:
+        """Terminated, terminating or unknown to EC2: it will never run again."""
+        return self.state in ("shutting-down", "terminated", "missing")
+
+
+@dataclass(frozen=True)
+class VolumeView:
+    volume_id: str
+    state: str  # creating | available | in-use | deleting | deleted | error | missing
+    az: str = ""
+    size_gib: int = 0
+    attached_to: str | None = None
+    attach_state: str | None = None  # attaching | attached | detaching | busy
+
+    @property
+    def gone(self) -> bool:
+        """Deleted, failed or unknown to EC2: its data is not coming back."""
+        return self.state in ("deleting", "deleted", "error", "missing")
+
+
+@dataclass(frozen=True)
+class LaunchSettings:
+    """What every instance gets, from the stage's config."""
+
+    ami_id: str
+    instance_profile: str = ""
+    subnets: dict[str, str] = field(default_factory=dict)  # AZ -> subnet
+    security_groups: tuple[str, ...] = ()
+
+
+def _raise_typed(exc: ClientError) -> None:
+    code = exc.response["Error"]["Code"]
+    message = exc.response["Error"].get("Message", "")
+    if code in _CAPACITY_CODES:
+        raise InsufficientCapacity(f"{code}: {message}") from exc
+    if code in _PRICE_CODES:
+        raise SpotPriceTooLow(message) from exc
+    if code in _BUSY_CODES:
+        raise VolumeBusy(f"{code}: {message}") from exc
+    if code in _MISSING_CODES:
+        raise ResourceMissing(f"{code}: {message}") from exc
+    raise Ec2Failure(code, message) from exc
+
+
+def _tags(resource: str, tags: dict[str, str]) -> Any:
+    return [{"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
+
+
+class Ec2Gateway:
+    def __init__(self, client: EC2Client) -> None:
+        self._client = client
+
+    # -- observing ---------------------------------------------------------------
+
+    def describe_instances(self, instance_ids: Iterable[str]) -> dict[str, InstanceView]:
+        """Every asked id gets a view; ids EC2 no longer knows are ``missing``."""
+        ids = sorted(set(instance_ids))
+        if not ids:
+            return {}
+        views = {iid: InstanceView(iid, "missing") for iid in ids}
+        # A filter (not InstanceIds=) so an unknown id is simply absent, not an error.
+        paginator = self._client.get_paginator("describe_instances")
+        for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": ids}]):
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    iid = instance["InstanceId"]
+                    views[iid] = InstanceView(
+                        iid,
+                        instance["State"]["Name"],
+                        instance.get("Placement", {}).get("AvailabilityZone", ""),
+                    )
+        return views
+
+    def describe_volume(self, volume_id: str) -> VolumeView:
+        response = self._client.describe_volumes(
+            Filters=[{"Name": "volume-id", "Values": [volume_id]}]
+        )
+        volumes = response.get("Volumes", [])
+        if not volumes:
+            return VolumeView(volume_id, "missing")
+        volume = volumes[0]
+        attachments = [a for a in volume.get("Attachments", []) if a.get("State") != "detached"]
+        attachment = attachments[0] if attachments else None
+        return VolumeView(
+            volume_id,
+            volume["State"],
+            volume["AvailabilityZone"],
+            volume.get("Size", 0),
+            attachment.get("InstanceId") if attachment else None,
+            attachment.get("State") if attachment else None,
+        )
+
+    def spot_prices(
+        self, instance_types: Sequence[str], azs: Sequence[str] | None, now: float
+    ) -> dict[Pool, float]:
+        """The current spot price of each (type, AZ) that EC2 offers."""
+        kwargs: dict[str, Any] = {
+            "InstanceTypes": list(instance_types),
+            "ProductDescriptions": ["Linux/UNIX"],
+            "StartTime": datetime.fromtimestamp(now, UTC),
+        }
+        if azs is not None and len(azs) == 1:
+            kwargs["AvailabilityZone"] = azs[0]
+        latest: dict[Pool, tuple[datetime, float]] = {}
+        paginator = self._client.get_paginator("describe_spot_price_history")
+        for page in paginator.paginate(**kwargs):
+            for entry in page.get("SpotPriceHistory", []):
+                pool = Pool(instance_type=entry["InstanceType"], az=entry["AvailabilityZone"])
+                if azs is not None and pool.az not in azs:
+                    continue
+                stamp = entry["Timestamp"]
+                if pool not in latest or stamp > latest[pool][0]:
+                    latest[pool] = (stamp, float(entry["SpotPrice"]))
+        return {pool: price for pool, (_, price) in latest.items()}
+
+    # -- acting ------------------------------------------------------------------
+
+    def run_instance(
+        self, candidate: Candidate, settings: LaunchSettings, user_data: str, tags: dict[str, str]
+    ) -> str:
+        """Start one instance; the candidate's ClientToken makes a retry return it again."""
+        kwargs: dict[str, Any] = {
+            "ImageId": settings.ami_id,
+            "InstanceType": candidate.pool.instance_type,
+            "MinCount": 1,
+            "MaxCount": 1,
+            "ClientToken": candidate.client_token,
+            "UserData": user_data,  # botocore base64-encodes it for RunInstances
+            # The agent shuts the instance down when the workload ends: terminate it.
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            # IMDSv2 only; hop limit 2 so a container on a bridge network can reach it.
+            "MetadataOptions": {
+                "HttpTokens": "required",
+                "HttpPutResponseHopLimit": 2,
+                "HttpEndpoint": "enabled",
+            },
+            "TagSpecifications": _tags("instance", tags),
+        }
+        subnet = settings.subnets.get(candidate.pool.az)
+        if subnet:
+            kwargs["SubnetId"] = subnet
+        else:
+            kwargs["Placement"] = {"AvailabilityZone": candidate.pool.az}
+        if settings.security_groups:
+            kwargs["SecurityGroupIds"] = list(settings.security_groups)
+        if settings.instance_profile:
+            kwargs["IamInstanceProfile"] = {"Name": settings.instance_profile}
+        if candidate.market == "spot":
+            spot: dict[str, Any] = {
+                "SpotInstanceType": "one-time",
+                "InstanceInterruptionBehavior": "terminate",
+            }
+            if candidate.max_price is not None:
+                spot["MaxPrice"] = f"{candidate.max_price:.4f}"
+            kwargs["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+        try:
+            response = self._client.run_instances(**kwargs)
+        except ClientError as exc:
+            _raise_typed(exc)
+        return response["Instances"][0]["InstanceId"]
+
+    def create_volume(
+        self,
+        az: str,
+        size_gib: int | None,
+        snapshot_id: str | None,
+        client_token: str,
+        tags: dict[str, str],
+    ) -> str:
+        kwargs: dict[str, Any] = {
+            "AvailabilityZone": az,
+            "VolumeType": "gp3",
+            "Encrypted": True,
+            "ClientToken": client_token,
+            "TagSpecifications": _tags("volume", tags),
+        }
+        if size_gib is not None:
+            kwargs["Size"] = size_gib
+        if snapshot_id is not None:
+            kwargs["SnapshotId"] = snapshot_id
+        try:
+            response = self._client.create_volume(**kwargs)
+        except ClientError as exc:
+            _raise_typed(exc)
+        return response["VolumeId"]
+
+    def attach_volume(self, volume_id: str, instance_id: str) -> None:
+        try:
+            self._client.attach_volume(
+                VolumeId=volume_id, InstanceId=instance_id, Device=DATA_DEVICE
+            )
+        except ClientError as exc:
+            _raise_typed(exc)
+
+    def terminate(self, instance_ids: Iterable[str]) -> None:
+        ids = sorted(set(instance_ids))
+        if not ids:
+            return
+        try:
+            self._client.terminate_instances(InstanceIds=ids)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
+                _raise_typed(exc)
+
+    def delete_volume(self, volume_id: str) -> None:
+        try:
+            self._client.delete_volume(VolumeId=volume_id)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "InvalidVolume.NotFound":
+                _raise_typed(exc)

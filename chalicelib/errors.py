@@ -1,0 +1,52 @@
+"""Every condition the control plane names, one class each.
+
+Gateways turn AWS ``ClientError`` codes into these; ``app.py`` maps them to HTTP.
+"""
+
+
+class SpotctlError(Exception):
+    """Base of every error the control plane raises on purpose."""
+
+
+class InvalidJobSpec(SpotctlError):
+    """A submitted job spec (or query) failed validation; the message names the field."""
+
+
+class JobNotFound(SpotctlError):
+    """No job has this id."""
+
+
+class NotAuthorized(SpotctlError):
+    """The caller's credentials do not allow this call."""
+
+
+class InvalidTransition(SpotctlError):
+    """The job's state does not allow the requested change."""
+
+
+class ConcurrentUpdate(SpotctlError):
+    """Someone else wrote the job since we read it (DynamoDB condition failed)."""
+
+
+class InsufficientCapacity(SpotctlError):
+    """EC2 has no capacity for the requested pool right now."""
+
+
+class SpotPriceTooLow(SpotctlError):
+    """The max price we offered is below the current spot price of the pool."""
+
+
+class VolumeBusy(SpotctlError):
+    """The volume is attached, attaching or detaching; try again on the next pass."""
+
+
+class ResourceMissing(SpotctlError):
+    """An instance, volume or snapshot we recorded no longer exists."""
+
+
+class Ec2Failure(SpotctlError):
+    """EC2 refused a call for a reason we do not handle specially."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code

@@ -1,0 +1,323 @@
+"""The job, its attempts and its timeline: what spotctl stores and reasons about.
+
+Times are epoch seconds (floats) everywhere inside the control plane; the API renders
+them as ISO 8601. A job record is one DynamoDB item; every change to it goes through
+a conditional write on ``version``.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from chalicelib.pricing import ON_DEMAND_USD_PER_HOUR
+
+MAX_TIMELINE_EVENTS = 300
+
+
+class JobState(StrEnum):
+    SUBMITTED = "SUBMITTED"  # accepted and stored; nothing launched yet
+    PROVISIONING = "PROVISIONING"  # first instance requested; waiting for it and its volume
+    RUNNING = "RUNNING"  # an instance runs with the job's volume attached
+    INTERRUPTED = "INTERRUPTED"  # the instance got a notice or vanished; no replacement yet
+    RECOVERING = "RECOVERING"  # replacement requested; waiting to move the volume onto it
+    WAITING = "WAITING"  # no pool fits the price or has capacity now; retried later
+    CANCELLING = "CANCELLING"  # cancel requested; waiting for instances to go away
+    SUCCEEDED = "SUCCEEDED"  # the workload exited 0
+    FAILED = "FAILED"  # the workload exited non-zero, or the job could not run at all
+    CANCELLED = "CANCELLED"  # cancelled by the user; no instance left
+
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
+LIVE_STATES = tuple(state for state in JobState if not state.is_terminal())
+
+Market = Literal["spot", "on-demand"]
+
+# End reasons of an attempt.
+ENDED_INTERRUPTED = "interrupted"  # AWS warned, then took the instance back
+ENDED_RECLAIMED = "reclaimed"  # the instance vanished without a warning reaching us
+ENDED_STOPPED = "stopped"  # the instance stopped; we terminated it to free the volume
+ENDED_COMPLETED = "completed"  # the workload exited (any code)
+ENDED_CANCELLED = "cancelled"  # the user cancelled the job
+ENDED_LAUNCH_FAILED = "launch-failed"  # no candidate pool would start an instance
+
+# Formats, as AWS defines them.
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[0-9]*[a-z0-9]+$")
+_AZ = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")
+_VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8}([0-9a-f]{9})?$")
+_SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{8}([0-9a-f]{9})?$")
+_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>.*))?$")
+_IMAGE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+
+MAX_COMMAND_BYTES = 4096
+
+
+class CheckpointSettings(BaseModel):
+    """How the agent warns the workload and saves its checkpoints."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    directory: str = Field(default="checkpoints", max_length=200, pattern=r"^[A-Za-z0-9._/-]+$")
+    stop_signal: Literal["TERM", "INT", "USR1", "USR2"] = "TERM"
+    grace_seconds: int = Field(default=90, ge=5, le=110)  # the notice is 120 s
+    sync_interval_seconds: int = Field(default=1800, ge=60, le=86400)
+
+    @field_validator("directory")
+    @classmethod
+    def _relative(cls, value: str) -> str:
+        if value.startswith("/") or ".." in value.split("/"):
+            raise ValueError("must be a path inside the volume (relative, no '..')")
+        return value
+
+
+class JobSpec(BaseModel):
+    """What a user submits: ``POST /jobs``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    command: tuple[str, ...] = Field(min_length=1, max_length=256)
+    image: str | None = None
+    instance_types: tuple[str, ...] = Field(min_length=1, max_length=20)
+    availability_zones: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=30)
+    volume_gib: int | None = Field(default=None, ge=1, le=16384)
+    volume_id: str | None = None
+    snapshot_id: str | None = None
+    results_s3_uri: str | None = None
+    deadline: datetime | None = None
+    expected_hours: float | None = Field(default=None, gt=0, le=24 * 90)
+    max_price_per_hour: float | None = Field(default=None, gt=0, le=1000)
+    checkpoint: CheckpointSettings = CheckpointSettings()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(
+                "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        return value
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if sum(len(arg.encode()) + 1 for arg in value) > MAX_COMMAND_BYTES:
+            raise ValueError(f"longer than {MAX_COMMAND_BYTES} bytes in all")
+        if any("\x00" in arg for arg in value):
+            raise ValueError("contains a NUL byte")
+        if not value[0]:
+            raise ValueError("the program (first element) is empty")
+        return value
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str | None) -> str | None:
+        if value is not None and not _IMAGE.match(value):
+            raise ValueError("not a container image reference")
+        return value
+
+    @field_validator("instance_types")
+    @classmethod
+    def _instance_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if not _INSTANCE_TYPE.match(item):
+                raise ValueError(f"{item!r} is not an EC2 instance type (like 'p3.2xlarge')")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a type twice")
+        return value
+
+    @field_validator("availability_zones")
+    @classmethod
+    def _zones(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for item in value or ():
+            if not _AZ.match(item):
+                raise ValueError(f"{item!r} is not an Availability Zone (like 'us-east-1a')")
+        return value
+
+    @field_validator("volume_id")
+    @classmethod
+    def _volume_id(cls, value: str | None) -> str | None:
+        if value is not None and not _VOLUME_ID.match(value):
+            raise ValueError("not an EBS volume id (like 'vol-0123456789abcdef0')")
+        return value
+
+    @field_validator("snapshot_id")
+    @classmethod
+    def _snapshot_id(cls, value: str | None) -> str | None:
+        if value is not None and not _SNAPSHOT_ID.match(value):
+            raise ValueError("not an EBS snapshot id (like 'snap-0123456789abcdef0')")
+        return value
+
+    @field_validator("results_s3_uri")
+    @classmethod
+    def _s3_uri(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        match = _S3_URI.match(value)
+        if not match or ".." in match["bucket"] or match["bucket"].startswith("xn--"):
+            raise ValueError("not an S3 URI (like 's3://my-bucket/runs/resnet')")
+        return value.rstrip("/")
+
+    @field_validator("deadline")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("needs a time zone (like '2026-12-01T00:00:00Z')")
+        return value
+
+    @model_validator(mode="after")
+    def _one_volume_source(self) -> JobSpec:
+        given = [f for f in ("volume_gib", "volume_id") if getattr(self, f) is not None]
+        if self.snapshot_id is None and len(given) != 1:
+            raise ValueError("give exactly one of volume_gib, volume_id or snapshot_id")
+        if self.snapshot_id is not None and self.volume_id is not None:
+            raise ValueError("give either volume_id or snapshot_id, not both")
+        unknown = [t for t in self.instance_types if t not in ON_DEMAND_USD_PER_HOUR]
+        if unknown and self.max_price_per_hour is None:
+            raise ValueError(
+                f"instance_types: no on-demand price known for {', '.join(unknown)}; "
+                "set max_price_per_hour"
+            )
+        return self
+
+
+class Pool(BaseModel):
+    """Where an instance runs: an instance type in an Availability Zone."""
+
+    model_config = ConfigDict(frozen=True)
+
+    instance_type: str
+    az: str
+
+    def __str__(self) -> str:
+        return f"{self.instance_type}@{self.az}"
+
+
+class Candidate(BaseModel):
+    """One pool to try for an attempt, with the ClientToken that makes it idempotent."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pool: Pool
+    market: Market
+    max_price: float | None  # None for on-demand
+    expected_price: float  # $/h we expect to pay: spot price now, or on-demand
+    client_token: str
+
+
+class Attempt(BaseModel):
+    """One instance (or one try at launching one) working on the job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    number: int
+    reason: str  # why this pool and market were chosen
+    candidates: tuple[Candidate, ...]  # in the order they are tried
+    requested_at: float
+    instance_id: str | None = None
+    pool: Pool | None = None
+    market: Market | None = None
+    max_price: float | None = None
+    price: float | None = None  # $/h this attempt is billed at (spot price at launch)
+    on_demand_price: float | None = None
+    running_at: float | None = None
+    warned_at: float | None = None  # interruption notice received
+    ended_at: float | None = None
+    end_reason: str | None = None
+
+    @property
+    def ended(self) -> bool:
+        return self.end_reason is not None
+
+    def billed_hours(self, now: float) -> float:
+        if self.instance_id is None:
+            return 0.0
+        start = self.running_at if self.running_at is not None else self.requested_at
+        end = self.ended_at if self.ended_at is not None else now
+        return max(0.0, end - start) / 3600.0
+
+    def cost(self, now: float) -> float:
+        return self.billed_hours(now) * (self.price or 0.0)
+
+    def on_demand_cost(self, now: float) -> float:
+        return self.billed_hours(now) * (self.on_demand_price or 0.0)
+
+
+class TimelineEvent(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    at: float
+    kind: str
+    detail: str = ""
+    attempt: int | None = None
+
+
+class Volume(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    volume_id: str
+    az: str
+    created_by_spotctl: bool
+
+
+class Job(BaseModel):
+    """The stored record of a job: spec, state, attempts and timeline."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    spec: JobSpec
+    state: JobState
+    version: int = 0
+    created_at: float
+    updated_at: float
+    secret_hash: str
+    volume: Volume | None = None
+    attempts: tuple[Attempt, ...] = ()
+    timeline: tuple[TimelineEvent, ...] = ()
+    wait_until: float | None = None
+    exit_code: int | None = None
+    exit_attempt: int | None = None
+    cancel_requested_at: float | None = None
+    delete_volume_on_cancel: bool = False
+    data_synced_at: float | None = None  # the agent's last checkpoint sync to S3
+    failure: str | None = None
+
+    @property
+    def current(self) -> Attempt | None:
+        return self.attempts[-1] if self.attempts else None
+
+    def attempt(self, number: int) -> Attempt | None:
+        return next((a for a in self.attempts if a.number == number), None)
+
+    def with_event(self, at: float, kind: str, detail: str = "", attempt: int | None = None) -> Job:
+        event = TimelineEvent(at=at, kind=kind, detail=detail, attempt=attempt)
+        timeline = (*self.timeline, event)[-MAX_TIMELINE_EVENTS:]
+        return self.model_copy(update={"timeline": timeline})
+
+    def replace_attempt(self, updated: Attempt) -> Job:
+        attempts = tuple(updated if a.number == updated.number else a for a in self.attempts)
+        return self.model_copy(update={"attempts": attempts})
+
+    def cost(self, now: float) -> float:
+        return sum(a.cost(now) for a in self.attempts)
+
+    def on_demand_cost(self, now: float) -> float:
+        return sum(a.on_demand_cost(now) for a in self.attempts)
+
+
+def iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, UTC).isoformat().replace("+00:00", "Z")
+
+
+JobIdStr = Annotated[str, Field(pattern=r"^j-[0-9a-f]{16}$")]

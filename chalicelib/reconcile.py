@@ -1,0 +1,581 @@
+"""The control loop: observe, ``decide`` (pure), act, write on the version we read.
+
+Every trigger (an EC2 event, an API call, the schedule sweep) ends in
+:meth:`Reconciler.reconcile`. A duplicate, late or missing event changes nothing:
+the next pass sees the same world and makes the same decision.
+
+``decide(job, observed, now)`` is a pure function of the stored record, what EC2
+shows, and the time. It returns the record to write and the actions to run, as data.
+The executor runs them and folds their results back with the ``apply_*`` functions,
+which are pure too.
+
+Launches are written ahead: the attempt, with its ordered candidate pools and their
+ClientTokens, is stored *before* RunInstances, so a Lambda that dies after launching
+replays the same request and EC2 returns the same instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+from chalicelib import metrics, placement
+from chalicelib.ec2 import Ec2Gateway, InstanceView, LaunchSettings, VolumeView
+from chalicelib.errors import (
+    ConcurrentUpdate,
+    InsufficientCapacity,
+    ResourceMissing,
+    SpotPriceTooLow,
+    VolumeBusy,
+)
+from chalicelib.log import logger
+from chalicelib.models import (
+    ENDED_CANCELLED,
+    ENDED_COMPLETED,
+    ENDED_INTERRUPTED,
+    ENDED_LAUNCH_FAILED,
+    ENDED_RECLAIMED,
+    ENDED_STOPPED,
+    Attempt,
+    Job,
+    JobState,
+    Pool,
+    Volume,
+)
+from chalicelib.store import JobStore
+
+RETRY_LAUNCH_AFTER_SECONDS = 300.0  # WAITING: how long before the sweep tries again
+WARNED_INSTANCE_GRACE_SECONDS = 300.0  # a warned instance still alive after this is ours to end
+
+
+# -- what we observe ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What EC2 shows for one job at the time of a pass."""
+
+    # Every attempt's instance that has not ended; None = not looked up yet.
+    instances: Mapping[str, InstanceView] | None = None
+    volume: VolumeView | None = None  # the job's volume; None while it has none (or unknown)
+    prices: Mapping[Pool, float] | None = None  # current spot prices; None = not looked up
+
+    def instance(self, instance_id: str) -> InstanceView | None:
+        return (self.instances or {}).get(instance_id)
+
+
+# -- what we do ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CreateVolume:
+    az: str
+    size_gib: int | None
+    snapshot_id: str | None
+    client_token: str
+
+
+@dataclass(frozen=True)
+class Launch:
+    attempt: int  # the recorded attempt whose candidates to try, in order
+
+
+@dataclass(frozen=True)
+class AttachVolume:
+    volume_id: str
+    instance_id: str
+
+
+@dataclass(frozen=True)
+class Terminate:
+    instance_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeleteVolume:
+    volume_id: str
+
+
+Action = CreateVolume | Launch | AttachVolume | Terminate | DeleteVolume
+
+
+@dataclass(frozen=True)
+class Decision:
+    job: Job  # the record to write (its version is still the one read)
+    actions: tuple[Action, ...] = ()
+    needs_prices: bool = False  # decide again once spot prices are observed
+    needs_observation: bool = False  # decide again once instances and volume are observed
+
+
+# -- deciding --------------------------------------------------------------------
+
+
+def decide(job: Job, observed: Observed, now: float) -> Decision:
+    """The next record and actions for ``job``, given what EC2 shows at ``now``."""
+    if observed.instances is None:
+        if _warned_and_not_replaced(job):
+            # The fast path of a recovery: the notice says the instance is going, and
+            # the replacement needs only prices, so it is requested before anything
+            # else is looked at; the next pass observes and moves the volume.
+            return _next_attempt(job, observed, now, [])
+        return Decision(job, needs_observation=True)
+    job, terminate = _account_for_instances(job, observed, now)
+
+    if job.state.is_terminal():
+        return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+    if job.cancel_requested_at is not None:
+        return _cancel(job, observed, now, terminate)
+    if job.exit_code is not None:
+        return _complete(job, observed, now, terminate)
+
+    if job.volume is None and job.spec.volume_id is not None:
+        job = _adopt_existing_volume(job, observed, now)
+        if job.state.is_terminal():
+            return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+
+    if job.volume is not None and observed.volume is not None and observed.volume.gone:
+        return _volume_lost(job, observed, now, terminate)
+
+    current = job.current
+    if current is None or current.ended:
+        return _next_attempt(job, observed, now, terminate)
+    if current.instance_id is None:
+        # Written ahead but not launched (the last pass died or is still running).
+        return Decision(
+            job, (*_creates_for(job, current), Launch(current.number), *_terminate(terminate))
+        )
+
+    instance = observed.instance(current.instance_id)
+    if instance is None or instance.state == "pending":
+        return Decision(job, _terminate(terminate))
+    if current.warned_at is not None:
+        return _next_attempt(job, observed, now, terminate)
+    return _place_volume(job, current, instance, observed, now, terminate)
+
+
+def _warned_and_not_replaced(job: Job) -> bool:
+    current = job.current
+    return (
+        not job.state.is_terminal()
+        and job.cancel_requested_at is None
+        and job.exit_code is None
+        and job.volume is not None
+        and current is not None
+        and current.instance_id is not None
+        and current.warned_at is not None
+        and not current.ended
+    )
+
+
+def _account_for_instances(job: Job, observed: Observed, now: float) -> tuple[Job, list[str]]:
+    """End attempts whose instance is gone; note first sight of running ones.
+
+    Returns the updated job and the instances that must be terminated (stopped ones,
+    and warned ones that outlived their notice).
+    """
+    terminate: list[str] = []
+    for attempt in job.attempts:
+        if attempt.ended or attempt.instance_id is None:
+            continue
+        view = observed.instance(attempt.instance_id)
+        if view is None:
+            continue
+        if view.gone:
+            reason = ENDED_INTERRUPTED if attempt.warned_at is not None else ENDED_RECLAIMED
+            job = _end_attempt(job, attempt, reason, now)
+            detail = f"{attempt.instance_id} {view.state}"
+            job = job.with_event(now, f"instance-{reason}", detail, attempt.number)
+        elif view.state in ("stopping", "stopped"):
+            terminate.append(attempt.instance_id)
+            job = _end_attempt(job, attempt, ENDED_STOPPED, now)
+            job = job.with_event(now, "instance-stopped", attempt.instance_id, attempt.number)
+        elif view.state == "running" and attempt.running_at is None:
+            job = job.replace_attempt(attempt.model_copy(update={"running_at": now}))
+            job = job.with_event(now, "instance-running", attempt.instance_id, attempt.number)
+        elif (
+            attempt is not job.current
+            and attempt.warned_at is not None
+            and now - attempt.warned_at > WARNED_INSTANCE_GRACE_SECONDS
+        ):
+            terminate.append(attempt.instance_id)
+    return job, terminate
+
+
+def _end_attempt(job: Job, attempt: Attempt, reason: str, now: float) -> Job:
+    ended = attempt.model_copy(update={"ended_at": now, "end_reason": reason})
+    return job.replace_attempt(ended)
+
+
+def _alive_ids(job: Job, observed: Observed) -> list[str]:
+    alive = []
+    for attempt in job.attempts:
+        if attempt.instance_id is None:
+            continue
+        view = observed.instance(attempt.instance_id)
+        if view is not None and not view.gone:
+            alive.append(attempt.instance_id)
+    return alive
+
+
+def _terminate(*groups: Sequence[str]) -> tuple[Action, ...]:
+    ids = tuple(sorted({iid for group in groups for iid in group}))
+    return (Terminate(ids),) if ids else ()
+
+
+def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
+    alive = _alive_ids(job, observed)
+    pending_launch = [a for a in job.attempts if not a.ended and a.instance_id is None]
+    for attempt in pending_launch:
+        job = _end_attempt(job, attempt, ENDED_CANCELLED, now)
+    if alive:
+        if job.state != JobState.CANCELLING:
+            job = job.model_copy(update={"state": JobState.CANCELLING})
+            job = job.with_event(now, "cancelling", f"terminating {', '.join(alive)}")
+        return Decision(job, _terminate(terminate, alive))
+    for attempt in job.attempts:
+        if not attempt.ended:
+            job = _end_attempt(job, attempt, ENDED_CANCELLED, now)
+    job = job.model_copy(update={"state": JobState.CANCELLED})
+    job = job.with_event(now, "cancelled")
+    actions = list(_terminate(terminate))
+    volume = job.volume
+    if job.delete_volume_on_cancel and volume is not None:
+        if not volume.created_by_spotctl:
+            job = job.with_event(now, "volume-kept", "spotctl did not create it; it stays")
+        elif job.data_synced_at is None:
+            job = job.with_event(now, "volume-kept", "its data was never synced to S3")
+        elif observed.volume is not None and observed.volume.state == "available":
+            actions.append(DeleteVolume(volume.volume_id))
+            job = job.with_event(now, "volume-deleted", volume.volume_id)
+    return Decision(job, tuple(actions))
+
+
+def _complete(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
+    code = job.exit_code
+    assert code is not None
+    for attempt in job.attempts:
+        if not attempt.ended:
+            job = _end_attempt(job, attempt, ENDED_COMPLETED, now)
+    state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
+    update: dict[str, object] = {"state": state}
+    if code != 0:
+        update["failure"] = f"the workload exited with code {code}"
+    job = job.model_copy(update=update).with_event(now, state.value.lower(), f"exit code {code}")
+    return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+
+
+def _adopt_existing_volume(job: Job, observed: Observed, now: float) -> Job:
+    volume = observed.volume
+    volume_id = job.spec.volume_id
+    assert volume_id is not None
+    if volume is None or volume.gone:
+        return _fail(job, now, f"volume {volume_id} does not exist")
+    if job.spec.availability_zones and volume.az not in job.spec.availability_zones:
+        return _fail(job, now, f"volume {volume_id} is in {volume.az}, outside the job's zones")
+    adopted = Volume(volume_id=volume_id, az=volume.az, created_by_spotctl=False)
+    return job.model_copy(update={"volume": adopted}).with_event(now, "volume-adopted", volume_id)
+
+
+def _fail(job: Job, now: float, why: str) -> Job:
+    failed = job.model_copy(update={"state": JobState.FAILED, "failure": why})
+    return failed.with_event(now, "failed", why)
+
+
+def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
+    """The job's volume is gone: restart from S3 on a new volume, or fail."""
+    volume = job.volume
+    assert volume is not None
+    if not volume.created_by_spotctl or job.spec.results_s3_uri is None:
+        job = _fail(job, now, f"volume {volume.volume_id} was lost and no S3 copy exists")
+        return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+    job = job.model_copy(update={"volume": None})
+    job = job.with_event(now, "volume-lost", f"{volume.volume_id}; a new volume restores from S3")
+    current = job.current
+    if current is not None and not current.ended:
+        job = _end_attempt(job, current, ENDED_RECLAIMED, now)
+    alive = _alive_ids(job, observed)
+    decision = _next_attempt(job, replace(observed, volume=None), now, terminate + alive)
+    return decision
+
+
+def _next_attempt(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
+    """Plan (and write ahead) a new attempt, or wait."""
+    if job.state == JobState.WAITING and job.wait_until is not None and now < job.wait_until:
+        return Decision(job, _terminate(terminate))
+    if observed.prices is None:
+        return Decision(job, _terminate(terminate), needs_prices=True)
+
+    number = len(job.attempts) + 1
+    zone = job.volume.az if job.volume is not None else None
+    plan = placement.plan(job, observed.prices, zone, number)
+    first = not any(a.instance_id for a in job.attempts)
+    if not plan.candidates:
+        job = job.model_copy(
+            update={"state": JobState.WAITING, "wait_until": now + RETRY_LAUNCH_AFTER_SECONDS}
+        )
+        job = job.with_event(now, "waiting", plan.reason)
+        return Decision(job, _terminate(terminate))
+
+    attempt = Attempt(
+        number=number, reason=plan.reason, candidates=plan.candidates, requested_at=now
+    )
+    previous = job.current
+    if first:
+        state = JobState.PROVISIONING
+    elif previous is not None and not previous.ended:
+        state = JobState.INTERRUPTED  # the warned instance still runs its last two minutes
+    else:
+        state = JobState.RECOVERING
+    job = job.model_copy(
+        update={"attempts": (*job.attempts, attempt), "state": state, "wait_until": None}
+    )
+    job = job.with_event(now, "launch-requested", plan.reason, number)
+    return Decision(job, (*_creates_for(job, attempt), Launch(number), *_terminate(terminate)))
+
+
+def _creates_for(job: Job, attempt: Attempt) -> tuple[Action, ...]:
+    if job.volume is not None:
+        return ()
+    az = attempt.candidates[0].pool.az
+    token = f"{job.job_id}-volume-{attempt.number}"
+    return (CreateVolume(az, job.spec.volume_gib, job.spec.snapshot_id, token),)
+
+
+def _place_volume(
+    job: Job,
+    current: Attempt,
+    instance: InstanceView,
+    observed: Observed,
+    now: float,
+    terminate: list[str],
+) -> Decision:
+    """The current instance runs: get the job's volume onto it."""
+    instance_id = current.instance_id
+    volume = observed.volume
+    assert instance_id is not None
+    if job.volume is None or volume is None or volume.state == "creating":
+        return Decision(job, _terminate(terminate))
+    if volume.attached_to == instance_id:
+        if job.state != JobState.RUNNING:
+            job = job.model_copy(update={"state": JobState.RUNNING})
+            job = job.with_event(now, "running", f"{volume.volume_id} on {instance_id}")
+        return Decision(job, _terminate(terminate))
+    if volume.az and instance.az and volume.az != instance.az:
+        # Never attach across zones; this instance cannot use the data.
+        job = _end_attempt(job, current, ENDED_RECLAIMED, now)
+        job = job.with_event(now, "wrong-zone", f"{instance_id} in {instance.az}", current.number)
+        return _next_attempt(job, observed, now, [*terminate, instance_id])
+    if volume.state == "available":
+        return Decision(job, (AttachVolume(volume.volume_id, instance_id), *_terminate(terminate)))
+    # In use by the previous instance: wait for it to go (the sweep ends stragglers).
+    return Decision(job, _terminate(terminate))
+
+
+# -- folding results back in ----------------------------------------------------
+
+
+def apply_volume_created(job: Job, action: CreateVolume, volume_id: str, now: float) -> Job:
+    volume = Volume(volume_id=volume_id, az=action.az, created_by_spotctl=True)
+    return job.model_copy(update={"volume": volume}).with_event(now, "volume-created", volume_id)
+
+
+def apply_launched(job: Job, number: int, index: int, instance_id: str, now: float) -> Job:
+    attempt = job.attempt(number)
+    assert attempt is not None
+    chosen = attempt.candidates[index]
+    spot_price = chosen.expected_price
+    launched = attempt.model_copy(
+        update={
+            "instance_id": instance_id,
+            "pool": chosen.pool,
+            "market": chosen.market,
+            "max_price": chosen.max_price,
+            "price": spot_price,
+            "on_demand_price": placement.on_demand_price_of(job, chosen.pool.instance_type),
+        }
+    )
+    job = job.replace_attempt(launched)
+    if job.state == JobState.INTERRUPTED:
+        job = job.model_copy(update={"state": JobState.RECOVERING})
+    detail = f"{instance_id} {chosen.market} in {chosen.pool} at ${spot_price:.4f}/h"
+    return job.with_event(now, "launched", detail, number)
+
+
+def apply_launch_failed(job: Job, number: int, errors: Sequence[str], now: float) -> Job:
+    attempt = job.attempt(number)
+    assert attempt is not None
+    job = _end_attempt(job, attempt, ENDED_LAUNCH_FAILED, now)
+    job = job.model_copy(
+        update={"state": JobState.WAITING, "wait_until": now + RETRY_LAUNCH_AFTER_SECONDS}
+    )
+    return job.with_event(now, "waiting", "; ".join(errors), number)
+
+
+def apply_attached(job: Job, action: AttachVolume, now: float) -> Job:
+    job = job.model_copy(update={"state": JobState.RUNNING})
+    return job.with_event(now, "running", f"{action.volume_id} attached to {action.instance_id}")
+
+
+# -- signals: what events and reports add to the record ------------------------------
+
+
+def note_warning(instance_id: str) -> Callable[[Job, float], Job]:
+    def apply(job: Job, now: float) -> Job:
+        for attempt in job.attempts:
+            if attempt.instance_id == instance_id and attempt.warned_at is None:
+                job = job.replace_attempt(attempt.model_copy(update={"warned_at": now}))
+                return job.with_event(now, "interruption-warning", instance_id, attempt.number)
+        return job
+
+    return apply
+
+
+def note_rebalance(instance_id: str) -> Callable[[Job, float], Job]:
+    def apply(job: Job, now: float) -> Job:
+        attempt = next((a for a in job.attempts if a.instance_id == instance_id), None)
+        if attempt is None or any(
+            e.kind == "rebalance-recommendation" and e.attempt == attempt.number
+            for e in job.timeline
+        ):
+            return job
+        return job.with_event(now, "rebalance-recommendation", instance_id, attempt.number)
+
+    return apply
+
+
+# -- the executor ------------------------------------------------------------------
+
+
+@dataclass
+class Reconciler:
+    """Runs passes of the control loop for one job at a time."""
+
+    store: JobStore
+    ec2: Ec2Gateway
+    launch_settings: Callable[[], LaunchSettings]
+    render_user_data: Callable[[Job, Attempt], str]
+    clock: Callable[[], float]
+    max_passes: int = 4
+    calls: list[str] = field(default_factory=list)  # what the last pass did (for tests/bench)
+
+    def reconcile(self, job_id: str, signal: Callable[[Job, float], Job] | None = None) -> Job:
+        """Bring ``job_id`` one step closer to its goal; safe to call any time, repeatedly."""
+        for _ in range(self.max_passes - 1):
+            try:
+                return self._pass(job_id, signal)
+            except ConcurrentUpdate:
+                logger.info("job written concurrently; reading again", extra={"job_id": job_id})
+        return self._pass(job_id, signal)
+
+    def _pass(self, job_id: str, signal: Callable[[Job, float], Job] | None) -> Job:
+        self.calls = []
+        stored = read = self.store.get(job_id)
+        now = self.clock()
+        job = signal(stored, now) if signal is not None else stored
+        # Look up only what decide asks for: a recovery needs prices, not a describe.
+        observed = Observed()
+        decision = decide(job, observed, now)
+        if decision.needs_observation:
+            observed = self._observe(job)
+            decision = decide(job, observed, now)
+        if decision.needs_prices:
+            observed = replace(observed, prices=self._prices(job, now))
+            decision = decide(job, observed, now)
+        job = decision.job
+
+        if any(isinstance(a, Launch) for a in decision.actions) and job != stored:
+            job = self._save(job, now)  # write ahead: the attempt exists before the instance
+            stored = job
+
+        new_instances: list[tuple[str, int]] = []
+        for action in decision.actions:
+            job = self._run(action, job, now, new_instances)
+
+        if job != stored or new_instances:
+            job = self._save(job, now, new_instances)
+        metrics.publish(job_id, metrics.pass_metrics(read, job, now))
+        return job
+
+    def _save(self, job: Job, now: float, new_instances: Sequence[tuple[str, int]] = ()) -> Job:
+        self.calls.append("dynamodb:Write")
+        return self.store.save(job.model_copy(update={"updated_at": now}), new_instances)
+
+    def _observe(self, job: Job) -> Observed:
+        ids = [a.instance_id for a in job.attempts if a.instance_id and not a.ended]
+        instances = {}
+        if ids:
+            self.calls.append("ec2:DescribeInstances")
+            instances = self.ec2.describe_instances(ids)
+        volume_id = job.volume.volume_id if job.volume else job.spec.volume_id
+        volume = None
+        if volume_id is not None and not job.state.is_terminal():
+            self.calls.append("ec2:DescribeVolumes")
+            volume = self.ec2.describe_volume(volume_id)
+        return Observed(instances=instances, volume=volume)
+
+    def _prices(self, job: Job, now: float) -> dict[Pool, float]:
+        zones = [job.volume.az] if job.volume else job.spec.availability_zones
+        self.calls.append("ec2:DescribeSpotPriceHistory")
+        return self.ec2.spot_prices(job.spec.instance_types, zones, now)
+
+    def _run(self, action: Action, job: Job, now: float, new: list[tuple[str, int]]) -> Job:
+        log = {"job_id": job.job_id, "action": type(action).__name__}
+        if isinstance(action, CreateVolume):
+            self.calls.append("ec2:CreateVolume")
+            tags = {"spotctl:job-id": job.job_id, "Name": f"spotctl-{job.spec.name}"}
+            volume_id = self.ec2.create_volume(
+                action.az, action.size_gib, action.snapshot_id, action.client_token, tags
+            )
+            logger.info("volume created", extra={**log, "volume_id": volume_id})
+            return apply_volume_created(job, action, volume_id, now)
+        if isinstance(action, Launch):
+            return self._launch(job, action.attempt, now, new)
+        if isinstance(action, AttachVolume):
+            self.calls.append("ec2:AttachVolume")
+            try:
+                self.ec2.attach_volume(action.volume_id, action.instance_id)
+            except (VolumeBusy, ResourceMissing) as exc:
+                # The next event or the sweep tries again; nothing to undo.
+                logger.info("attach deferred", extra={**log, "reason": str(exc)})
+                return job
+            logger.info("volume attached", extra={**log, "instance_id": action.instance_id})
+            return apply_attached(job, action, now)
+        if isinstance(action, Terminate):
+            self.calls.append("ec2:TerminateInstances")
+            self.ec2.terminate(action.instance_ids)
+            logger.info("terminated", extra={**log, "instance_ids": list(action.instance_ids)})
+            return job
+        self.calls.append("ec2:DeleteVolume")
+        self.ec2.delete_volume(action.volume_id)
+        return job
+
+    def _launch(self, job: Job, number: int, now: float, new: list[tuple[str, int]]) -> Job:
+        attempt = job.attempt(number)
+        assert attempt is not None
+        settings = self.launch_settings()
+        user_data = self.render_user_data(job, attempt)
+        errors: list[str] = []
+        for index, candidate in enumerate(attempt.candidates):
+            tags = {
+                "spotctl:job-id": job.job_id,
+                "spotctl:attempt": str(number),
+                "Name": f"spotctl-{job.spec.name}-{number}",
+            }
+            self.calls.append("ec2:RunInstances")
+            try:
+                instance_id = self.ec2.run_instance(candidate, settings, user_data, tags)
+            except (InsufficientCapacity, SpotPriceTooLow) as exc:
+                errors.append(f"{candidate.pool}: {exc}")
+                job = job.with_event(now, "launch-refused", f"{candidate.pool}: {exc}", number)
+                continue
+            new.append((instance_id, number))
+            logger.info(
+                "launched",
+                extra={
+                    "job_id": job.job_id,
+                    "instance_id": instance_id,
+                    "pool": str(candidate.pool),
+                },
+            )
+            return apply_launched(job, number, index, instance_id, now)
+        return apply_launch_failed(job, number, errors, now)

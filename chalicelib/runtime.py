@@ -1,0 +1,114 @@
+"""Wiring: the one place that builds the control plane from config and clients.
+
+Built on first use, never at import (moto, the sandbox or the Lambda's environment
+must be in place first), and cached for the life of the Lambda container.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import cache
+
+from chalicelib import clients
+from chalicelib.agent_auth import derive_secret
+from chalicelib.config import Config
+from chalicelib.ec2 import Ec2Gateway, LaunchSettings
+from chalicelib.models import Attempt, Job
+from chalicelib.reconcile import Reconciler
+from chalicelib.service import JobService
+from chalicelib.store import JobStore
+from chalicelib.userdata import AgentParams, render_user_data
+
+
+@dataclass
+class ControlPlane:
+    config: Config
+    store: JobStore
+    reconciler: Reconciler
+    service: JobService
+
+
+class _Secrets:
+    """Values that live in SSM on deployed stages, read once per container."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+
+    @cache  # noqa: B019 - one instance per container, by design
+    def signing_key(self) -> str:
+        if self._config.signing_key:
+            return self._config.signing_key
+        if not self._config.signing_key_parameter:
+            raise RuntimeError("set SPOTCTL_SIGNING_KEY or SPOTCTL_SIGNING_KEY_PARAMETER")
+        response = clients.ssm(self._config.region).get_parameter(
+            Name=self._config.signing_key_parameter, WithDecryption=True
+        )
+        return response["Parameter"]["Value"]
+
+    @cache  # noqa: B019
+    def ami_id(self) -> str:
+        if self._config.ami_id:
+            return self._config.ami_id
+        response = clients.ssm(self._config.region).get_parameter(Name=self._config.ami_parameter)
+        return response["Parameter"]["Value"]
+
+
+def s3_prefix_for(job: Job, config: Config) -> str | None:
+    if job.spec.results_s3_uri:
+        return job.spec.results_s3_uri
+    return f"s3://{config.bucket}/jobs/{job.job_id}" if config.bucket else None
+
+
+def build(config: Config) -> ControlPlane:
+    secrets = _Secrets(config)
+    store = JobStore(clients.dynamodb(config.region), config.table_name)
+
+    def launch_settings() -> LaunchSettings:
+        return LaunchSettings(
+            ami_id=secrets.ami_id(),
+            instance_profile=config.instance_profile,
+            subnets=config.subnets,
+            security_groups=config.security_groups,
+        )
+
+    def user_data(job: Job, attempt: Attempt) -> str:
+        assert job.volume is not None, "the volume is created before the launch"
+        checkpoint = job.spec.checkpoint
+        return render_user_data(
+            AgentParams(
+                job_id=job.job_id,
+                attempt=attempt.number,
+                api_url=config.api_url,
+                secret=derive_secret(secrets.signing_key(), job.job_id),
+                volume_id=job.volume.volume_id,
+                command=job.spec.command,
+                image=job.spec.image,
+                s3_prefix=s3_prefix_for(job, config),
+                checkpoint_dir=checkpoint.directory,
+                grace_seconds=checkpoint.grace_seconds,
+                stop_signal=checkpoint.stop_signal,
+                sync_interval_seconds=checkpoint.sync_interval_seconds,
+            )
+        )
+
+    reconciler = Reconciler(
+        store=store,
+        ec2=Ec2Gateway(clients.ec2(config.region)),
+        launch_settings=launch_settings,
+        render_user_data=user_data,
+        clock=time.time,
+    )
+    service = JobService(store, reconciler, secrets.signing_key, time.time)
+    return ControlPlane(config, store, reconciler, service)
+
+
+@cache
+def control_plane() -> ControlPlane:
+    return build(Config.from_env())
+
+
+def reset() -> None:
+    """Forget the wiring and the clients (tests change the environment between cases)."""
+    control_plane.cache_clear()
+    clients.reset()

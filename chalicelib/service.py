@@ -1,0 +1,222 @@
+"""What the HTTP API does: validate, store, reconcile, and render jobs for users."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from chalicelib.agent_auth import derive_secret, hash_secret, secret_matches
+from chalicelib.errors import InvalidJobSpec, InvalidTransition, NotAuthorized
+from chalicelib.log import logger
+from chalicelib.models import Job, JobSpec, JobState, iso
+from chalicelib.reconcile import Reconciler, note_rebalance
+from chalicelib.store import MAX_PAGE, JobStore
+
+ReportKind = Literal["started", "checkpoint_synced", "rebalance", "interrupted", "exited"]
+
+
+class AgentReport(BaseModel):
+    """What the instance agent posts to ``/jobs/{id}/reports``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attempt: int = Field(ge=1, le=100_000)
+    kind: ReportKind
+    exit_code: int | None = Field(default=None, ge=-255, le=255)
+    detail: str = Field(default="", max_length=500)
+
+    @model_validator(mode="after")
+    def _exit_code_with_exit(self) -> AgentReport:
+        if (self.kind == "exited") != (self.exit_code is not None):
+            raise ValueError("exit_code is required with kind 'exited' and only with it")
+        return self
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem, each starting with the field it concerns."""
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "body"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}")
+    return "; ".join(lines)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_model(model: type[M], body: Any) -> M:
+    if not isinstance(body, dict):
+        raise InvalidJobSpec("body: must be a JSON object")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidJobSpec(describe_validation_error(exc)) from exc
+
+
+def new_job_id() -> str:
+    return f"j-{secrets.token_hex(8)}"
+
+
+@dataclass
+class JobService:
+    store: JobStore
+    reconciler: Reconciler
+    signing_key: Callable[[], str]
+    clock: Callable[[], float]
+    new_id: Callable[[], str] = new_job_id
+
+    def submit(self, body: Any) -> Job:
+        spec = parse_model(JobSpec, body)
+        now = self.clock()
+        if spec.deadline is not None and spec.deadline.timestamp() <= now:
+            raise InvalidJobSpec("deadline: is in the past")
+        job_id = self.new_id()
+        job = Job(
+            job_id=job_id,
+            spec=spec,
+            state=JobState.SUBMITTED,
+            created_at=now,
+            updated_at=now,
+            secret_hash=hash_secret(derive_secret(self.signing_key(), job_id)),
+        ).with_event(now, "submitted", spec.name)
+        self.store.create(job)
+        logger.info("job submitted", extra={"job_id": job_id})
+        return self._reconcile_best_effort(job)
+
+    def get(self, job_id: str) -> Job:
+        return self.store.get(job_id)
+
+    def list(self, query: Mapping[str, str]) -> tuple[list[Job], str | None]:
+        unknown = set(query) - {"state", "limit", "next_token"}
+        if unknown:
+            raise InvalidJobSpec(f"{sorted(unknown)[0]}: unknown query parameter")
+        state = None
+        if "state" in query:
+            try:
+                state = JobState(query["state"].upper())
+            except ValueError:
+                names = ", ".join(s.value for s in JobState)
+                raise InvalidJobSpec(f"state: must be one of {names}") from None
+        limit = 50
+        if "limit" in query:
+            if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= MAX_PAGE:
+                raise InvalidJobSpec(f"limit: must be an integer from 1 to {MAX_PAGE}")
+            limit = int(query["limit"])
+        return self.store.page(state, limit, query.get("next_token"))
+
+    def cancel(self, job_id: str, query: Mapping[str, str]) -> Job:
+        unknown = set(query) - {"delete_volume"}
+        if unknown:
+            raise InvalidJobSpec(f"{sorted(unknown)[0]}: unknown query parameter")
+        flag = query.get("delete_volume", "false").lower()
+        if flag not in ("true", "false"):
+            raise InvalidJobSpec("delete_volume: must be true or false")
+        job = self.store.get(job_id)
+        if job.state.is_terminal():
+            raise InvalidTransition(f"job {job_id} already ended: {job.state.value}")
+
+        def request_cancel(job: Job, now: float) -> Job:
+            if job.state.is_terminal() or job.cancel_requested_at is not None:
+                return job
+            update = {"cancel_requested_at": now, "delete_volume_on_cancel": flag == "true"}
+            return job.model_copy(update=update).with_event(now, "cancel-requested")
+
+        return self.reconciler.reconcile(job_id, request_cancel)
+
+    def report(self, job_id: str, authorization: str | None, body: Any) -> Job:
+        """An agent's report, authorised by the job's secret (we keep only its hash)."""
+        job = self.store.get(job_id)
+        token = (authorization or "").removeprefix("Bearer ").strip()
+        if not token or not secret_matches(token, job.secret_hash):
+            raise NotAuthorized("this secret does not belong to this job")
+        report = parse_model(AgentReport, body)
+        if job.attempt(report.attempt) is None:
+            raise InvalidJobSpec(f"attempt: job {job_id} has no attempt {report.attempt}")
+        return self.reconciler.reconcile(job_id, _report_signal(report))
+
+    def _reconcile_best_effort(self, job: Job) -> Job:
+        try:
+            return self.reconciler.reconcile(job.job_id)
+        except Exception:
+            # The job is stored; the next sweep carries on from here.
+            logger.exception("first reconcile failed", extra={"job_id": job.job_id})
+            return self.store.get(job.job_id)
+
+
+def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
+    def apply(job: Job, now: float) -> Job:
+        attempt = job.attempt(report.attempt)
+        if job.state.is_terminal() or attempt is None:
+            return job
+        detail = report.detail
+        if report.kind == "exited":
+            if job.exit_code is not None:
+                return job
+            update = {"exit_code": report.exit_code, "exit_attempt": report.attempt}
+            job = job.model_copy(update=update)
+            detail = f"exit code {report.exit_code}"
+        elif report.kind == "checkpoint_synced":
+            job = job.model_copy(update={"data_synced_at": now})
+        elif report.kind == "rebalance" and attempt.instance_id:
+            return note_rebalance(attempt.instance_id)(job, now)
+        return job.with_event(now, f"agent-{report.kind}", detail, report.attempt)
+
+    return apply
+
+
+def job_summary(job: Job, now: float) -> dict[str, Any]:
+    return {
+        "job_id": job.job_id,
+        "name": job.spec.name,
+        "state": job.state.value,
+        "created_at": iso(job.created_at),
+        "attempts": len([a for a in job.attempts if a.instance_id]),
+        "cost_usd": round(job.cost(now), 4),
+    }
+
+
+def job_view(job: Job, now: float) -> dict[str, Any]:
+    """Everything a user may see about a job (never its secret or its hash)."""
+    cost = job.cost(now)
+    on_demand = job.on_demand_cost(now)
+    interruptions = sum(1 for a in job.attempts if a.end_reason in ("interrupted", "reclaimed"))
+    return {
+        **job_summary(job, now),
+        "spec": job.spec.model_dump(mode="json", exclude_none=True),
+        "updated_at": iso(job.updated_at),
+        "volume": job.volume.model_dump() if job.volume else None,
+        "interruptions": interruptions,
+        "cost_usd": round(cost, 4),
+        "on_demand_cost_usd": round(on_demand, 4),
+        "saved_usd": round(on_demand - cost, 4),
+        "exit_code": job.exit_code,
+        "failure": job.failure,
+        "wait_until": iso(job.wait_until),
+        "attempts": [
+            {
+                "number": a.number,
+                "reason": a.reason,
+                "instance_id": a.instance_id,
+                "pool": str(a.pool) if a.pool else None,
+                "market": a.market,
+                "max_price": a.max_price,
+                "price": a.price,
+                "requested_at": iso(a.requested_at),
+                "running_at": iso(a.running_at),
+                "warned_at": iso(a.warned_at),
+                "ended_at": iso(a.ended_at),
+                "end_reason": a.end_reason,
+                "cost_usd": round(a.cost(now), 4),
+            }
+            for a in job.attempts
+        ],
+        "events": [
+            {"at": iso(e.at), "kind": e.kind, "detail": e.detail, "attempt": e.attempt}
+            for e in job.timeline
+        ],
+    }

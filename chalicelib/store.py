@@ -1,0 +1,240 @@
+"""Jobs in DynamoDB: one item per job, one small item per instance pointing at its job.
+
+Table layout (single table, string keys):
+
+- ``pk = "JOB#<job id>"``: the job record as JSON in ``doc``, plus ``state``,
+  ``created_at``, ``kind = "job"`` and ``version`` as top-level attributes for the
+  indexes and the write condition.
+- ``pk = "INSTANCE#<instance id>"``: ``job_id`` and ``attempt``, so an EC2 event finds
+  its job with one GetItem (no scan, no EC2 tag lookup).
+
+Indexes: ``by_state`` (state, created_at) for the sweep and ``GET /jobs?state=``;
+``by_created`` (kind, created_at) for ``GET /jobs``.
+
+Every write that changes a job carries ``version = :read_version``; a failed
+condition becomes :class:`ConcurrentUpdate`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.errors import ConcurrentUpdate, InvalidJobSpec, JobNotFound
+from chalicelib.models import LIVE_STATES, Job, JobState
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
+    from mypy_boto3_dynamodb.type_defs import AttributeValueTypeDef, TransactWriteItemTypeDef
+
+BY_STATE = "by_state"
+BY_CREATED = "by_created"
+MAX_PAGE = 100
+
+
+def _job_key(job_id: str) -> dict[str, AttributeValueTypeDef]:
+    return {"pk": {"S": f"JOB#{job_id}"}}
+
+
+def _instance_key(instance_id: str) -> dict[str, AttributeValueTypeDef]:
+    return {"pk": {"S": f"INSTANCE#{instance_id}"}}
+
+
+def _created_sort_key(job: Job) -> str:
+    # Fixed width so string order is time order; the id breaks ties.
+    return f"{job.created_at:017.6f}#{job.job_id}"
+
+
+def _job_item(job: Job) -> dict[str, AttributeValueTypeDef]:
+    return {
+        **_job_key(job.job_id),
+        "kind": {"S": "job"},
+        "state": {"S": job.state.value},
+        "created_at": {"S": _created_sort_key(job)},
+        "version": {"N": str(job.version)},
+        "doc": {"S": job.model_dump_json()},
+    }
+
+
+def _job_from_item(item: dict[str, Any]) -> Job:
+    return Job.model_validate_json(item["doc"]["S"])
+
+
+class JobStore:
+    """Jobs and the instance index in one DynamoDB table."""
+
+    def __init__(self, client: DynamoDBClient, table_name: str) -> None:
+        self._client = client
+        self._table = table_name
+
+    def create(self, job: Job) -> None:
+        self._client.put_item(
+            TableName=self._table,
+            Item=_job_item(job),
+            ConditionExpression="attribute_not_exists(pk)",
+        )
+
+    def get(self, job_id: str) -> Job:
+        response = self._client.get_item(
+            TableName=self._table, Key=_job_key(job_id), ConsistentRead=True
+        )
+        if "Item" not in response:
+            raise JobNotFound(job_id)
+        return _job_from_item(response["Item"])
+
+    def save(self, job: Job, new_instances: Sequence[tuple[str, int]] = ()) -> Job:
+        """Write ``job`` if nobody wrote since we read version ``job.version``.
+
+        Returns the job with its new version. ``new_instances`` (instance id, attempt)
+        are indexed in the same transaction, so an event for a new instance can never
+        find the index without the job knowing the instance.
+        """
+        stored = job.model_copy(update={"version": job.version + 1})
+        condition = {
+            "ConditionExpression": "#v = :read",
+            "ExpressionAttributeNames": {"#v": "version"},
+            "ExpressionAttributeValues": {":read": {"N": str(job.version)}},
+        }
+        try:
+            if not new_instances:
+                self._client.put_item(TableName=self._table, Item=_job_item(stored), **condition)  # type: ignore[arg-type]
+            else:
+                items: list[TransactWriteItemTypeDef] = [
+                    {"Put": {"TableName": self._table, "Item": _job_item(stored), **condition}}  # type: ignore[typeddict-item]
+                ]
+                items += [
+                    {
+                        "Put": {
+                            "TableName": self._table,
+                            "Item": {
+                                **_instance_key(instance_id),
+                                "job_id": {"S": job.job_id},
+                                "attempt": {"N": str(attempt)},
+                            },
+                        }
+                    }
+                    for instance_id, attempt in new_instances
+                ]
+                self._client.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            code = exc.response["Error"]["Code"]
+            if code in ("ConditionalCheckFailedException", "TransactionCanceledException"):
+                raise ConcurrentUpdate(job.job_id) from exc
+            raise
+        return stored
+
+    def job_id_for_instance(self, instance_id: str) -> str | None:
+        response = self._client.get_item(TableName=self._table, Key=_instance_key(instance_id))
+        item = response.get("Item")
+        return item["job_id"]["S"] if item else None
+
+    def page(
+        self, state: JobState | None, limit: int, page_token: str | None
+    ) -> tuple[list[Job], str | None]:
+        """Newest first; ``page_token`` is what the previous page returned."""
+        if state is None:
+            index, condition, values = BY_CREATED, "kind = :k", {":k": {"S": "job"}}
+        else:
+            index, condition, values = BY_STATE, "#s = :k", {":k": {"S": state.value}}
+        query: dict[str, Any] = {
+            "TableName": self._table,
+            "IndexName": index,
+            "KeyConditionExpression": condition,
+            "ExpressionAttributeValues": values,
+            "ScanIndexForward": False,
+            "Limit": min(limit, MAX_PAGE),
+        }
+        if state is not None:
+            query["ExpressionAttributeNames"] = {"#s": "state"}
+        if page_token:
+            query["ExclusiveStartKey"] = _decode_token(page_token)
+        response = self._client.query(**query)
+        jobs = [_job_from_item(item) for item in response.get("Items", [])]
+        last = response.get("LastEvaluatedKey")
+        return jobs, (_encode_token(last) if last else None)
+
+    def live_job_ids(self) -> list[str]:
+        """Every job not yet in a terminal state (what the sweep visits)."""
+        job_ids: list[str] = []
+        for state in LIVE_STATES:
+            job_ids += self._ids_in_state(state)
+        return job_ids
+
+    def _ids_in_state(self, state: JobState) -> Iterable[str]:
+        paginator = self._client.get_paginator("query")
+        pages = paginator.paginate(
+            TableName=self._table,
+            IndexName=BY_STATE,
+            KeyConditionExpression="#s = :s",
+            ExpressionAttributeNames={"#s": "state"},
+            ExpressionAttributeValues={":s": {"S": state.value}},
+            ProjectionExpression="pk",
+        )
+        for page in pages:
+            for item in page.get("Items", []):
+                yield item["pk"]["S"].removeprefix("JOB#")
+
+
+def _encode_token(key: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(key, sort_keys=True).encode()).decode()
+
+
+def _decode_token(token: str) -> dict[str, Any]:
+    try:
+        key = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, binascii.Error) as exc:
+        raise InvalidJobSpec("next_token: not a token this API returned") from exc
+    if not isinstance(key, dict) or not all(isinstance(v, dict) for v in key.values()):
+        raise InvalidJobSpec("next_token: not a token this API returned")
+    return key
+
+
+def table_definition(table_name: str) -> dict[str, Any]:
+    """CreateTable arguments: on-demand billing, the two indexes (also used by bootstrap)."""
+    return {
+        "TableName": table_name,
+        "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": [
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "state", "AttributeType": "S"},
+            {"AttributeName": "kind", "AttributeType": "S"},
+            {"AttributeName": "created_at", "AttributeType": "S"},
+        ],
+        "KeySchema": [{"AttributeName": "pk", "KeyType": "HASH"}],
+        "GlobalSecondaryIndexes": [
+            {
+                "IndexName": BY_STATE,
+                "KeySchema": [
+                    {"AttributeName": "state", "KeyType": "HASH"},
+                    {"AttributeName": "created_at", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
+            {
+                "IndexName": BY_CREATED,
+                "KeySchema": [
+                    {"AttributeName": "kind", "KeyType": "HASH"},
+                    {"AttributeName": "created_at", "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": "ALL"},
+            },
+        ],
+    }
+
+
+def create_table(client: DynamoDBClient, table_name: str) -> None:
+    """Create the jobs table if it does not exist (sandbox, tests, bootstrap)."""
+    definition = table_definition(table_name)
+    try:
+        client.create_table(**definition)
+    except ClientError as exc:
+        if exc.response["Error"]["Code"] != "ResourceInUseException":
+            raise
+    client.get_waiter("table_exists").wait(
+        TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
+    )

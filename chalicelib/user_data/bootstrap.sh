@@ -1,0 +1,1 @@
+../../user_data/bootstrap.sh

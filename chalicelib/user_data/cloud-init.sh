@@ -1,0 +1,1 @@
+../../user_data/cloud-init.sh

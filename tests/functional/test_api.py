@@ -1,0 +1,168 @@
+"""The HTTP API: validation that names the field and writes nothing, listing, reports."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from chalicelib.agent_auth import derive_secret
+from tests.functional.conftest import SIGNING_KEY, Env
+
+VALID: dict[str, Any] = {
+    "name": "resnet",
+    "command": ["python", "train.py"],
+    "instance_types": ["g4dn.xlarge"],
+    "volume_gib": 20,
+}
+
+BAD_SPECS = [
+    ("name", {"name": "has space"}),
+    ("name", {"name": ""}),
+    ("command", {"command": []}),
+    ("command", {"command": "python train.py"}),
+    ("command", {"command": ["x" * 5000]}),
+    ("instance_types", {"instance_types": []}),
+    ("instance_types", {"instance_types": ["P3 2XL"]}),
+    ("instance_types", {"instance_types": ["g4dn.xlarge", "g4dn.xlarge"]}),
+    ("instance_types", {"instance_types": ["x9.huge"]}),
+    ("availability_zones", {"availability_zones": ["mars-1a"]}),
+    ("volume_gib", {"volume_gib": 0}),
+    ("volume_gib", {"volume_gib": 20000}),
+    ("volume_id", {"volume_gib": None, "volume_id": "vol-xyz"}),
+    ("snapshot_id", {"volume_gib": None, "snapshot_id": "snapshot-1"}),
+    ("results_s3_uri", {"results_s3_uri": "https://bucket/x"}),
+    ("results_s3_uri", {"results_s3_uri": "s3://B_ad/x"}),
+    ("deadline", {"deadline": "2020-01-01T00:00:00Z"}),
+    ("deadline", {"deadline": "2030-01-01T00:00:00"}),
+    ("max_price_per_hour", {"max_price_per_hour": -1}),
+    ("image", {"image": "bad image name"}),
+    ("checkpoint.grace_seconds", {"checkpoint": {"grace_seconds": 600}}),
+    ("checkpoint.directory", {"checkpoint": {"directory": "../etc"}}),
+    ("unexpected", {"unexpected": 1}),
+    ("volume_gib, volume_id or snapshot_id", {"volume_gib": None}),
+]
+
+
+def post_raw(env: Env, body: str) -> Any:
+    return env.client.http.post("/jobs", headers={"content-type": "application/json"}, body=body)
+
+
+@pytest.mark.parametrize(
+    ("field", "change"), BAD_SPECS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(BAD_SPECS)]
+)
+def test_invalid_spec_is_rejected_naming_the_field_and_writes_nothing(
+    env: Env, field: str, change: dict[str, Any]
+) -> None:
+    body = {**VALID, **change}
+    body = {k: v for k, v in body.items() if v is not None}
+    response = post_raw(env, json.dumps(body))
+    assert response.status_code == 400
+    message = json.loads(response.body)["Message"]
+    assert field in message
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    assert env.ec2.describe_volumes()["Volumes"] == []
+    assert env.ec2.describe_instances()["Reservations"] == []
+
+
+@pytest.mark.parametrize("body", ["not json", "[1, 2]", "null", '"text"'])
+def test_body_that_is_not_a_json_object_is_rejected(env: Env, body: str) -> None:
+    response = post_raw(env, body)
+    assert response.status_code == 400
+    assert "body" in json.loads(response.body)["Message"]
+
+
+def test_submit_returns_201_with_id_and_state(env: Env) -> None:
+    job = env.submit()
+    assert job["job_id"].startswith("j-")
+    assert job["state"] == "PROVISIONING"
+    assert "secret" not in json.dumps(job).lower()
+
+
+def test_get_unknown_job_is_404(env: Env) -> None:
+    assert env.client.http.get("/jobs/j-0000000000000000").status_code == 404
+
+
+def test_list_filters_by_state_and_paginates(env: Env) -> None:
+    ids = [env.submit(name=f"job{i}")["job_id"] for i in range(5)]
+    env.client.http.delete(f"/jobs/{ids[0]}")
+    seen: list[str] = []
+    token = None
+    while True:
+        url = "/jobs?limit=2" + (f"&next_token={token}" if token else "")
+        page = json.loads(env.client.http.get(url).body)
+        assert len(page["jobs"]) <= 2
+        seen += [j["job_id"] for j in page["jobs"]]
+        token = page["next_token"]
+        if not token:
+            break
+    assert sorted(seen) == sorted(ids)
+    provisioning = json.loads(env.client.http.get("/jobs?state=PROVISIONING").body)["jobs"]
+    assert sorted(j["job_id"] for j in provisioning) == sorted(ids[1:])
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("state=BOGUS", "state"),
+        ("limit=0", "limit"),
+        ("limit=x", "limit"),
+        ("next_token=%%%", "next_token"),
+        ("colour=red", "colour"),
+    ],
+)
+def test_bad_list_query_is_400_naming_it(env: Env, query: str, field: str) -> None:
+    response = env.client.http.get(f"/jobs?{query}")
+    assert response.status_code == 400
+    assert field in json.loads(response.body)["Message"]
+
+
+def test_report_with_another_jobs_secret_is_refused_and_writes_nothing(env: Env) -> None:
+    mine = env.submit(name="mine")["job_id"]
+    theirs = env.submit(name="theirs")["job_id"]
+    before = env.job(theirs)
+    response = env.report(
+        theirs, {"attempt": 1, "kind": "exited", "exit_code": 0}, derive_secret(SIGNING_KEY, mine)
+    )
+    assert response.status_code == 403
+    assert env.job(theirs) == before
+
+
+def test_report_without_a_secret_is_refused(env: Env) -> None:
+    job_id = env.submit()["job_id"]
+    response = env.report(job_id, {"attempt": 1, "kind": "started"}, secret="")
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"attempt": 1, "kind": "exited"}, "exit_code"),
+        ({"attempt": 1, "kind": "started", "exit_code": 0}, "exit_code"),
+        ({"attempt": 0, "kind": "started"}, "attempt"),
+        ({"attempt": 9, "kind": "started"}, "attempt"),
+        ({"attempt": 1, "kind": "dancing"}, "kind"),
+    ],
+)
+def test_bad_report_is_400_and_writes_nothing(env: Env, body: dict[str, Any], field: str) -> None:
+    job_id = env.submit()["job_id"]
+    before = env.job(job_id)
+    response = env.report(job_id, body)
+    assert response.status_code == 400
+    assert field in json.loads(response.body)["Message"]
+    assert env.job(job_id) == before
+
+
+def test_cancel_of_an_ended_job_is_409(env: Env) -> None:
+    job_id = env.submit()["job_id"]
+    env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 0})
+    assert env.client.http.delete(f"/jobs/{job_id}").status_code == 409
+
+
+def test_cancel_with_a_bad_flag_is_400_and_changes_nothing(env: Env) -> None:
+    job_id = env.submit()["job_id"]
+    before = env.job(job_id)
+    response = env.client.http.delete(f"/jobs/{job_id}?delete_volume=maybe")
+    assert response.status_code == 400
+    assert env.job(job_id) == before

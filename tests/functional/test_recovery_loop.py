@@ -1,0 +1,292 @@
+"""The recovery loop end to end: HTTP API and EC2 events through chalice.test.Client,
+the control plane's calls going to moto in server mode over HTTP.
+
+AWS's part (taking instances back, sending events) is played by the test with the
+documented event shapes; after every step the test checks what real AWS would
+enforce and moto does not (one attachment per volume, same zone).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse, HTTPHeaders
+
+from chalicelib import runtime
+from tests.functional.conftest import Env
+
+HOUR = 3600.0
+
+
+def running_job(env: Env) -> tuple[str, str, str]:
+    """Submit, let the first instance come up, return (job id, instance id, volume id)."""
+    job = env.submit()
+    assert job["state"] == "PROVISIONING"
+    job_id = job["job_id"]
+    first = job["attempts"][0]["instance_id"]
+    env.clock.advance(60)
+    env.cloud.state_change(first, "running")
+    job = env.job(job_id)
+    assert job["state"] == "RUNNING"
+    env.cloud.assert_invariants(job_id)
+    return job_id, first, job["volume"]["volume_id"]
+
+
+def attachment_of(env: Env, volume_id: str) -> str | None:
+    volume = env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+    attached = [a["InstanceId"] for a in volume["Attachments"] if a["State"] != "detached"]
+    return attached[0] if attached else None
+
+
+def zone_of(env: Env, instance_id: str) -> str:
+    reservations = env.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    zone: str = reservations[0]["Instances"][0]["Placement"]["AvailabilityZone"]
+    return zone
+
+
+def assert_recovered(env: Env, job_id: str, volume_id: str, old: str) -> str:
+    """Exactly one live instance, holding the volume, in the volume's zone."""
+    job = env.job(job_id)
+    assert job["state"] == "RUNNING", job["events"]
+    live = env.cloud.live_instances(job_id)
+    assert len(live) == 1
+    new: str = live[0]["InstanceId"]
+    assert new != old
+    assert attachment_of(env, volume_id) == new
+    volume = env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+    assert zone_of(env, new) == volume["AvailabilityZone"]
+    assert [a["instance_id"] for a in job["attempts"]] == [old, new]
+    env.cloud.assert_invariants(job_id)
+    return new
+
+
+def test_submit_interrupt_recover_complete_records_two_attempts_and_costs(env: Env) -> None:
+    env.cloud.set_spot_prices(
+        {
+            ("g4dn.xlarge", "us-east-1a"): 0.21,
+            ("g4dn.xlarge", "us-east-1b"): 0.16,
+            ("g5.xlarge", "us-east-1b"): 0.40,
+            ("g5.xlarge", "us-east-1c"): 0.12,
+        }
+    )
+    volumes_before = len(env.cloud.volumes())
+    job_id, first, volume_id = running_job(env)
+    # The cheapest pool of all is g5.xlarge in us-east-1c.
+    assert env.job(job_id)["attempts"][0]["pool"] == "g5.xlarge@us-east-1c"
+    volume = env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"][0]
+    assert volume["Size"] == 100
+    assert {"Key": "spotctl:job-id", "Value": job_id} in volume["Tags"]
+    instance = env.ec2.describe_instances(InstanceIds=[first])["Reservations"][0]["Instances"][0]
+    assert instance["InstanceLifecycle"] == "spot"
+
+    env.clock.advance(HOUR)
+    env.cloud.deliver("spot-interruption-warning", first)
+    job = env.job(job_id)
+    assert job["state"] == "RECOVERING"
+    second = job["attempts"][1]["instance_id"]
+    # Launched during the notice, in the volume's zone, while the old one still runs.
+    assert zone_of(env, second) == volume["AvailabilityZone"]
+    assert attachment_of(env, volume_id) == first
+    env.cloud.assert_invariants(job_id)
+
+    env.clock.advance(120)
+    env.cloud.reclaim(first)
+    env.cloud.state_change(first, "terminated")
+    assert assert_recovered(env, job_id, volume_id, first) == second
+
+    env.clock.advance(2 * HOUR)
+    response = env.report(job_id, {"attempt": 2, "kind": "exited", "exit_code": 0})
+    assert response.status_code == 200, response.body
+    job = env.job(job_id)
+    assert job["state"] == "SUCCEEDED"
+    assert [a["end_reason"] for a in job["attempts"]] == ["interrupted", "completed"]
+    assert env.cloud.live_instances(job_id) == []
+    assert len(env.cloud.volumes()) == volumes_before + 1  # kept: it holds the results
+    first_attempt, second_attempt = job["attempts"]
+    # Billed from first sight running: 1 h 2 min, then 2 h, at $0.12/h spot.
+    assert first_attempt["price"] == 0.12
+    assert first_attempt["cost_usd"] == pytest.approx(0.12 * (HOUR + 120) / HOUR, abs=1e-4)
+    assert second_attempt["cost_usd"] == pytest.approx(0.12 * 2, abs=1e-4)
+    # g5.xlarge lists at $1.006/h on demand.
+    assert job["on_demand_cost_usd"] == pytest.approx(1.006 * (3 * HOUR + 120) / HOUR, abs=1e-4)
+    assert job["saved_usd"] == pytest.approx(job["on_demand_cost_usd"] - job["cost_usd"])
+
+
+def test_warning_delivered_three_times_launches_one_replacement(env: Env) -> None:
+    job_id, first, volume_id = running_job(env)
+    for _ in range(3):
+        env.cloud.deliver("spot-interruption-warning", first)
+        env.cloud.assert_invariants(job_id)
+    assert len(env.cloud.instances(job_id)) == 2
+    env.cloud.reclaim(first)
+    env.cloud.state_change(first, "terminated")
+    env.cloud.deliver("spot-interruption-warning", first)  # late duplicate
+    assert_recovered(env, job_id, volume_id, first)
+    assert len(env.cloud.instances(job_id)) == 2
+
+
+def test_terminated_arriving_before_the_warning(env: Env) -> None:
+    job_id, first, volume_id = running_job(env)
+    env.cloud.reclaim(first)
+    env.cloud.state_change(first, "terminated")
+    job = env.job(job_id)
+    assert job["state"] == "RECOVERING"
+    second = job["attempts"][1]["instance_id"]
+    env.cloud.deliver("spot-interruption-warning", first)
+    env.cloud.state_change(second, "running")
+    assert_recovered(env, job_id, volume_id, first)
+    assert env.job(job_id)["attempts"][0]["end_reason"] == "reclaimed"
+
+
+def test_warning_never_arriving_only_terminated(env: Env) -> None:
+    job_id, first, volume_id = running_job(env)
+    env.cloud.reclaim(first)
+    env.cloud.state_change(first, "shutting-down")
+    env.cloud.state_change(first, "terminated")
+    second = env.job(job_id)["attempts"][1]["instance_id"]
+    env.cloud.state_change(second, "running")
+    assert_recovered(env, job_id, volume_id, first)
+
+
+def test_sweep_alone_finds_a_vanished_instance(env: Env) -> None:
+    job_id, first, volume_id = running_job(env)
+    env.cloud.reclaim(first)  # no event at all
+    env.clock.advance(60)
+    env.cloud.sweep()
+    assert env.job(job_id)["state"] == "RECOVERING"
+    env.clock.advance(60)
+    env.cloud.sweep()
+    assert_recovered(env, job_id, volume_id, first)
+
+
+def test_sweeping_a_running_job_changes_nothing(env: Env) -> None:
+    job_id, _, _ = running_job(env)
+    before = env.job(job_id)
+    env.cloud.sweep()
+    env.cloud.sweep()
+    assert env.job(job_id) == before
+
+
+def test_stopped_instance_is_terminated_and_replaced(env: Env) -> None:
+    job_id, first, volume_id = running_job(env)
+    env.ec2.stop_instances(InstanceIds=[first])
+    env.cloud.state_change(first, "stopped")
+    state = env.ec2.describe_instances(InstanceIds=[first])["Reservations"][0]["Instances"][0]
+    assert state["State"]["Name"] in ("shutting-down", "terminated")
+    second = env.job(job_id)["attempts"][1]["instance_id"]
+    env.cloud.state_change(second, "running")
+    assert_recovered(env, job_id, volume_id, first)
+
+
+def test_replacement_is_not_attached_while_the_old_instance_holds_the_volume(env: Env) -> None:
+    job_id, first, volume_id = running_job(env)
+    env.cloud.deliver("spot-interruption-warning", first)
+    second = env.job(job_id)["attempts"][1]["instance_id"]
+    env.cloud.state_change(second, "running")
+    assert attachment_of(env, volume_id) == first
+    assert env.job(job_id)["state"] == "RECOVERING"
+
+
+def test_event_for_an_instance_that_is_not_ours_is_ignored(env: Env) -> None:
+    job_id, _, _ = running_job(env)
+    before = env.job(job_id)
+    env.cloud.deliver("spot-interruption-warning", "i-0123456789abcdef0")
+    env.cloud.state_change("i-0123456789abcdef0", "terminated")
+    assert env.job(job_id) == before
+
+
+def test_nonzero_exit_fails_the_job_and_keeps_the_volume(env: Env) -> None:
+    job_id, _, volume_id = running_job(env)
+    response = env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 3})
+    assert response.status_code == 200
+    job = env.job(job_id)
+    assert job["state"] == "FAILED"
+    assert job["exit_code"] == 3
+    assert "code 3" in job["failure"]
+    assert env.cloud.live_instances(job_id) == []
+    assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+
+
+def test_cancel_while_running_leaves_no_instance(env: Env) -> None:
+    job_id, first, volume_id = running_job(env)
+    response = env.client.http.delete(f"/jobs/{job_id}")
+    assert response.status_code == 200
+    assert json.loads(response.body)["state"] == "CANCELLING"
+    assert env.cloud.live_instances(job_id) == []
+    env.cloud.state_change(first, "terminated")
+    assert env.job(job_id)["state"] == "CANCELLED"
+    assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]  # kept
+
+
+def test_cancel_while_recovering_leaves_no_instance(env: Env) -> None:
+    job_id, first, _ = running_job(env)
+    env.cloud.deliver("spot-interruption-warning", first)
+    assert env.job(job_id)["state"] == "RECOVERING"
+    env.client.http.delete(f"/jobs/{job_id}")
+    assert env.cloud.live_instances(job_id) == []
+    env.cloud.sweep()
+    assert env.job(job_id)["state"] == "CANCELLED"
+    assert all(a["end_reason"] for a in env.job(job_id)["attempts"])
+
+
+def test_cancel_with_delete_volume_keeps_a_volume_never_synced(env: Env) -> None:
+    job_id, _, volume_id = running_job(env)
+    env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    env.cloud.sweep()
+    job = env.job(job_id)
+    assert job["state"] == "CANCELLED"
+    assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+    assert any(e["kind"] == "volume-kept" for e in job["events"])
+
+
+def test_cancel_with_delete_volume_deletes_a_synced_volume(env: Env) -> None:
+    job_id, _, volume_id = running_job(env)
+    env.report(job_id, {"attempt": 1, "kind": "checkpoint_synced"})
+    env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    env.cloud.sweep()
+    assert env.job(job_id)["state"] == "CANCELLED"
+    remaining = env.ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [volume_id]}])
+    assert remaining["Volumes"] == []
+
+
+def refuse_capacity(types: set[str]) -> None:
+    """Make EC2 answer InsufficientInstanceCapacity for these types (edit the set later)."""
+
+    def handler(params: dict[str, Any], **_: Any) -> Any:
+        if params["body"].get("InstanceType") not in types:
+            return None
+        body = {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no capacity"}}
+        return AWSResponse("http://moto", 500, HTTPHeaders(), None), body
+
+    client = runtime.control_plane().reconciler.ec2._client
+    client.meta.events.register("before-call.ec2.RunInstances", handler)
+
+
+def test_no_capacity_for_the_first_type_tries_the_next_type_in_the_same_zone(env: Env) -> None:
+    refuse_capacity({"g4dn.xlarge"})
+    job = env.submit()
+    attempt = job["attempts"][0]
+    assert attempt["pool"].startswith("g5.xlarge@")
+    assert any(e["kind"] == "launch-refused" for e in job["events"])
+    volume = env.ec2.describe_volumes(VolumeIds=[job["volume"]["volume_id"]])["Volumes"][0]
+    assert attempt["pool"].endswith(volume["AvailabilityZone"])
+
+
+def test_no_capacity_anywhere_waits_and_the_sweep_retries_later(env: Env) -> None:
+    refused = {"g4dn.xlarge", "g5.xlarge"}
+    refuse_capacity(refused)
+    job = env.submit()
+    job_id = job["job_id"]
+    assert job["state"] == "WAITING"
+    assert env.cloud.instances(job_id) == []
+    refused.clear()
+    env.cloud.sweep()  # too early: still waiting
+    assert env.job(job_id)["state"] == "WAITING"
+    env.clock.advance(301)
+    env.cloud.sweep()
+    job = env.job(job_id)
+    assert job["state"] == "PROVISIONING"
+    assert [a["end_reason"] for a in job["attempts"]] == ["launch-failed", None]
+    assert len(env.cloud.live_instances(job_id)) == 1

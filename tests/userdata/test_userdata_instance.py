@@ -1,0 +1,356 @@
+"""The real rendered user data, run by bash against shims, a fake IMDSv2 and a fake API."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.userdata.userdata_harness import (
+    SECRET,
+    VOLUME_ID,
+    Instance,
+    Machine,
+    machine,
+    python_workload,
+    wait_for,
+)
+
+# Records its argv and environment, then exits with 7.
+RECORDER = """
+import json, os, sys
+out = os.path.join(os.environ["SPOTCTL_CHECKPOINT_DIR"], "..", "seen.json")
+keys = ("SPOTCTL_JOB_ID", "SPOTCTL_ATTEMPT", "SPOTCTL_CHECKPOINT_DIR")
+with open(out, "w") as f:
+    json.dump({"argv": sys.argv[1:], "env": {k: os.environ.get(k) for k in keys}}, f)
+with open(os.path.join(os.environ["SPOTCTL_CHECKPOINT_DIR"], "model.bin"), "w") as f:
+    f.write("weights")
+sys.exit(7)
+"""
+
+# Runs until SIGTERM; then notes the time, writes a checkpoint the atomic way and exits.
+TRAINER = """
+import os, signal, sys, time
+ckpt = os.environ["SPOTCTL_CHECKPOINT_DIR"]
+def stop(signum, frame):
+    with open(os.path.join(ckpt, "..", "sigterm-at"), "w") as f:
+        f.write(repr(time.time()))
+    with open(os.path.join(ckpt, "last.ckpt.tmp"), "w") as f:
+        f.write("state at sigterm")
+    os.replace(os.path.join(ckpt, "last.ckpt.tmp"), os.path.join(ckpt, "last.ckpt"))
+    time.sleep(0.3)
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(ckpt, "..", "running"), "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+HOSTILE = [
+    '--name=it\'s "quoted"',
+    "$(touch /tmp/spotctl-pwned)",
+    "`touch /tmp/spotctl-pwned`",
+    "a; rm -rf / ; b",
+    "${HOME}",
+    "line\nbreak",
+    "*",
+    "",
+    "tab\there | cat > x &",
+]
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Machine]:
+    yield from machine(tmp_path)
+
+
+@pytest.fixture
+def box(world: Machine) -> Instance:
+    return world.instance()
+
+
+def reports(box: Instance, kind: str) -> list[dict[str, Any]]:
+    return [r for r in box.api.reports if r["body"]["kind"] == kind]
+
+
+def test_blank_volume_is_formatted_mounted_and_the_exit_code_reported(box: Instance) -> None:
+    box.set("lsblk.out", "nvme0n1 vol0aaaaaaaaaaaaaaaa")  # the job's volume is not there yet
+    command = python_workload(box, "recorder", RECORDER)
+    proc = box.start(box.params([*command, *HOSTILE]))
+    wait_for(lambda: len(box.calls("lsblk")) >= 3, what="volume polling")
+    box.set("lsblk.out", f"nvme0n1 vol0aaaaaaaaaaaaaaaa\nnvme1n1 {VOLUME_ID.replace('-', '')}")
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0, box.agent_log()
+
+    # Found by serial, formatted once (blkid said blank), mounted, not grown.
+    assert [c["argv"] for c in box.calls("blkid")] == [
+        ["-p", "-o", "value", "-s", "TYPE", "/dev/nvme1n1"]
+    ]
+    assert [c["argv"][-1] for c in box.calls("mkfs.ext4")] == ["/dev/nvme1n1"]
+    assert [c["argv"][-2:] for c in box.calls("mount")] == [["/dev/nvme1n1", str(box.mount)]]
+    assert box.calls("resize2fs") == []
+
+    # The command arrived byte for byte, with the job's environment.
+    seen = json.loads((box.mount / "seen.json").read_text())
+    assert seen["argv"] == HOSTILE
+    assert seen["env"] == {
+        "SPOTCTL_JOB_ID": "job-42",
+        "SPOTCTL_ATTEMPT": "1",
+        "SPOTCTL_CHECKPOINT_DIR": str(box.mount / "checkpoints"),
+    }
+    assert not Path("/tmp/spotctl-pwned").exists()
+
+    # Final sync after the exit, then the exit code to the API, then shutdown.
+    assert (box.s3 / "bucket/jobs/job-42/checkpoints/model.bin").read_text() == "weights"
+    exited = reports(box, "exited")
+    assert [r["body"]["exit_code"] for r in exited] == [7]
+    assert exited[0]["path"] == "/api/jobs/job-42/reports"
+    assert exited[0]["auth"] == f"Bearer {SECRET}"
+    assert box.api.kinds() == ["started", "exited"]
+    assert len(box.calls("shutdown")) == 1
+    assert box.calls("shutdown")[0]["t"] > exited[0]["t"]
+
+
+def test_every_metadata_call_carries_a_token_the_server_issued(box: Instance) -> None:
+    command = python_workload(box, "sleeper", "import time; time.sleep(0.5)")
+    assert box.run(box.params(command)) == 0
+    gets = [r for r in box.imds.requests if r["method"] == "GET"]
+    puts = [r for r in box.imds.requests if r["method"] == "PUT"]
+    assert puts and all(r["hdr"] for r in puts)  # the TTL header
+    assert len(gets) >= 4  # identity from bootstrap, then the watcher's polls
+    assert all(r["hdr"] in box.imds.tokens for r in gets)
+    paths = {r["path"] for r in gets}
+    assert "/latest/meta-data/spot/instance-action" in paths
+    assert "/latest/meta-data/events/recommendations/rebalance" in paths
+
+
+@pytest.mark.parametrize(
+    ("fstype", "grow_cmd", "grow_arg"),
+    [("ext4", "resize2fs", "/dev/nvme1n1"), ("xfs", "xfs_growfs", "MOUNT")],
+)
+def test_a_volume_with_a_filesystem_is_never_formatted_only_grown(
+    box: Instance, fstype: str, grow_cmd: str, grow_arg: str
+) -> None:
+    box.set("blkid.rc", "0")
+    box.set("blkid.out", fstype)
+    command = python_workload(box, "ok", "pass")
+    assert box.run(box.params(command)) == 0, box.agent_log()
+    assert box.calls("mkfs.ext4") == [] and box.calls("mkfs.xfs") == []
+    expected = str(box.mount) if grow_arg == "MOUNT" else grow_arg
+    assert [c["argv"] for c in box.calls(grow_cmd)] == [[expected]]
+    assert [r["body"]["exit_code"] for r in reports(box, "exited")] == [0]
+
+
+def test_a_device_blkid_cannot_read_is_left_alone_and_the_instance_stops(box: Instance) -> None:
+    box.set("blkid.rc", "4")
+    command = python_workload(box, "never", "raise SystemExit('must not run')")
+    box.run(box.params(command))
+    assert box.calls("mkfs.ext4") == [] and box.calls("mount") == []
+    assert "refusing to touch a device that may hold data" in box.agent_log()
+    assert len(box.calls("shutdown")) == 1
+    assert box.api.reports == []
+
+
+def test_a_volume_that_never_arrives_fails_clearly_within_the_bound(box: Instance) -> None:
+    box.env["SPOTCTL_VOLUME_WAIT_SECONDS"] = "1"
+    box.set("lsblk.out", "nvme0n1 vol0aaaaaaaaaaaaaaaa")
+    started = time.monotonic()
+    box.run(box.params(python_workload(box, "never", "pass")))
+    assert time.monotonic() - started < 8
+    log = box.agent_log()
+    assert f"volume {VOLUME_ID} was not attached within 1s" in log
+    assert "vol0123456789abcdef0" in log  # says what it looked for
+    assert box.calls("mount") == [] and len(box.calls("shutdown")) == 1
+
+
+def test_on_xen_the_volume_is_the_attach_device(box: Instance) -> None:
+    box.set("lsblk.out", "xvda\nxvdf")
+    assert box.run(box.params(python_workload(box, "ok", "pass"))) == 0, box.agent_log()
+    assert [c["argv"][-2] for c in box.calls("mount")] == ["/dev/xvdf"]
+
+
+def test_interruption_notice_sigterm_then_sync_then_interrupted_report(box: Instance) -> None:
+    proc = box.start(box.params(python_workload(box, "trainer", TRAINER), grace_seconds=5))
+    wait_for((box.mount / "running").exists, what="workload start")
+    noticed_at = box.imds.interrupt()
+    proc.communicate(timeout=30)
+
+    sigterm_at = float((box.mount / "sigterm-at").read_text())
+    assert sigterm_at - noticed_at < 10
+    uploads = [
+        c
+        for c in box.calls("aws")
+        if c["argv"][:2] == ["s3", "sync"] and c["argv"][3].startswith("s3://")
+    ]
+    assert uploads and uploads[0]["t"] > sigterm_at
+    assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
+    assert not (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt.tmp").exists()
+    interrupted = reports(box, "interrupted")
+    assert len(interrupted) == 1 and interrupted[0]["t"] > uploads[0]["t"]
+    assert "workload exit 143" in str(interrupted[0]["body"]["detail"])
+    assert reports(box, "exited") == []  # an interrupted workload has not finished the job
+    assert len(box.calls("shutdown")) == 1
+
+
+def test_a_workload_ignoring_sigterm_is_killed_after_the_grace_period(box: Instance) -> None:
+    stubborn = python_workload(
+        box,
+        "stubborn",
+        "import signal, time, os\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "open(os.environ['SPOTCTL_CHECKPOINT_DIR'] + '/../running', 'w').close()\n"
+        "time.sleep(60)\n",
+    )
+    proc = box.start(box.params(stubborn, grace_seconds=1))
+    wait_for((box.mount / "running").exists, what="workload start")
+    noticed_at = box.imds.interrupt()
+    proc.communicate(timeout=30)
+    interrupted = reports(box, "interrupted")
+    assert len(interrupted) == 1 and "workload exit 137" in str(interrupted[0]["body"]["detail"])
+    assert interrupted[0]["t"] - noticed_at < 8
+
+
+def test_a_workload_that_quits_on_the_notice_itself_counts_as_interrupted(box: Instance) -> None:
+    box.imds.interrupt()
+    box.run(box.params(python_workload(box, "quitter", "raise SystemExit(0)")))
+    assert box.api.kinds() == ["started", "interrupted"]
+
+
+def test_rebalance_recommendation_is_reported_once(box: Instance) -> None:
+    command = python_workload(box, "sleeper", "import time; time.sleep(0.8)")
+    box.imds.rebalance = {"noticeTime": "2026-11-28T11:58:00Z"}
+    assert box.run(box.params(command)) == 0
+    rebalance = reports(box, "rebalance")
+    assert len(rebalance) == 1 and "2026-11-28T11:58:00Z" in str(rebalance[0]["body"]["detail"])
+    assert box.api.kinds()[-1] == "exited"
+
+
+def test_checkpoints_are_synced_periodically_while_the_workload_runs(box: Instance) -> None:
+    writer = python_workload(
+        box,
+        "writer",
+        "import os, time\nd = os.environ['SPOTCTL_CHECKPOINT_DIR']\n"
+        "for i in range(4):\n"
+        "    open(f'{d}/ckpt-{i}', 'w').write(str(i))\n"
+        "    time.sleep(0.45)\n",
+    )
+    assert box.run(box.params(writer, sync_interval_seconds=1)) == 0
+    uploads = [
+        c for c in box.calls("aws") if c["argv"][3:4] == ["s3://bucket/jobs/job-42/checkpoints/"]
+    ]
+    assert len(uploads) >= 2  # at least one periodic sync and the final one
+    assert all("--exclude" in c["argv"] for c in uploads)
+    assert reports(box, "checkpoint_synced")
+    assert sorted(p.name for p in (box.s3 / "bucket/jobs/job-42/checkpoints").iterdir()) == [
+        "ckpt-0",
+        "ckpt-1",
+        "ckpt-2",
+        "ckpt-3",
+    ]
+
+
+def test_the_exit_report_is_retried_on_429_and_5xx_until_accepted(box: Instance) -> None:
+    box.api.statuses = [200, 503, 429, 502]  # "started" passes, "exited" needs four tries
+    assert box.run(box.params(python_workload(box, "fail", "raise SystemExit(3)"))) == 0
+    exits = reports(box, "exited")
+    assert [r["status"] for r in exits] == [503, 429, 502, 200]
+    assert all(r["body"]["exit_code"] == 3 for r in exits)
+
+
+def test_a_4xx_answer_is_final(box: Instance) -> None:
+    box.api.statuses = [200, 403]
+    assert box.run(box.params(python_workload(box, "fail", "raise SystemExit(1)"))) == 0
+    assert [r["status"] for r in reports(box, "exited")] == [403]
+    assert len(box.calls("shutdown")) == 1
+
+
+def test_a_command_that_cannot_start_is_reported_as_exit_127(box: Instance) -> None:
+    assert box.run(box.params(["/nonexistent/train", "--fast"])) == 0
+    exited = reports(box, "exited")
+    assert [r["body"]["exit_code"] for r in exited] == [127]
+    assert "cannot start" in str(exited[0]["body"]["detail"])
+
+
+@pytest.mark.parametrize("gpus", ["GPU 0: Tesla V100-SXM2-16GB (UUID: GPU-1)", ""])
+def test_an_image_runs_under_docker_with_the_job_environment(box: Instance, gpus: str) -> None:
+    box.set("gpus", gpus)
+    command = python_workload(box, "recorder", RECORDER)
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/train:1"
+    assert box.run(box.params([*command, *HOSTILE], image=image)) == 0, box.agent_log()
+    docker = [c["argv"] for c in box.calls("docker")]
+    assert [
+        "login",
+        "--username",
+        "AWS",
+        "--password-stdin",
+        image.split("/", maxsplit=1)[0],
+    ] in docker
+    assert ["pull", image] in docker
+    run = next(a for a in docker if a[0] == "run")
+    assert ("--gpus" in run) == bool(gpus)
+    mount = str(box.mount)
+    assert run[run.index("-v") + 1] == f"{mount}:{mount}"
+    assert run[run.index(image) + 1 :] == [*command, *HOSTILE]
+    for env in (
+        "SPOTCTL_JOB_ID=job-42",
+        "SPOTCTL_ATTEMPT=1",
+        f"SPOTCTL_CHECKPOINT_DIR={mount}/checkpoints",
+    ):
+        assert env in run
+    assert json.loads((box.mount / "seen.json").read_text())["argv"] == HOSTILE
+    assert [r["body"]["exit_code"] for r in reports(box, "exited")] == [7]
+
+
+def test_an_interrupted_container_gets_the_signal_through_docker_kill(box: Instance) -> None:
+    params = box.params(python_workload(box, "trainer", TRAINER), image="train:1")
+    proc = box.start(params)
+    wait_for((box.mount / "running").exists, what="container start")
+    box.imds.interrupt()
+    proc.communicate(timeout=30)
+    kills = [c["argv"] for c in box.calls("docker") if c["argv"][0] == "kill"]
+    assert kills == [["kill", "--signal", "TERM", "spotctl-job-42-1"]]
+    assert (box.mount / "sigterm-at").exists()
+    assert box.api.kinds() == ["started", "interrupted"]
+
+
+def test_a_fresh_volume_is_restored_from_s3_before_the_workload_starts(box: Instance) -> None:
+    saved = box.s3 / "bucket/jobs/job-42/checkpoints"
+    saved.mkdir(parents=True)
+    (saved / "ckpt-9").write_text("from the last attempt")
+    lister = python_workload(
+        box,
+        "lister",
+        "import os, json\nd = os.environ['SPOTCTL_CHECKPOINT_DIR']\n"
+        "json.dump(sorted(os.listdir(d)), open(d + '/../listing.json', 'w'))\n",
+    )
+    assert box.run(box.params(lister)) == 0
+    assert json.loads((box.mount / "listing.json").read_text()) == ["ckpt-9"]
+    assert (box.mount / ".spotctl/volume-id").read_text().strip() == VOLUME_ID
+
+
+def test_the_same_volume_coming_back_is_not_restored_again(box: Instance) -> None:
+    (box.mount / ".spotctl").mkdir()
+    (box.mount / ".spotctl/volume-id").write_text(VOLUME_ID + "\n")
+    box.set("blkid.rc", "0")
+    box.set("blkid.out", "ext4")
+    assert box.run(box.params(python_workload(box, "ok", "pass"))) == 0
+    downloads = [
+        c for c in box.calls("aws") if c["argv"][2:3] == ["s3://bucket/jobs/job-42/checkpoints/"]
+    ]
+    assert downloads == []
+
+
+def test_a_volume_copied_from_another_volumes_snapshot_is_restored(box: Instance) -> None:
+    (box.mount / ".spotctl").mkdir()
+    (box.mount / ".spotctl/volume-id").write_text("vol-0ffffffffffffffff\n")
+    box.set("blkid.rc", "0")
+    box.set("blkid.out", "ext4")
+    assert box.run(box.params(python_workload(box, "ok", "pass"))) == 0
+    downloads = [
+        c for c in box.calls("aws") if c["argv"][2:3] == ["s3://bucket/jobs/job-42/checkpoints/"]
+    ]
+    assert len(downloads) == 1
+    assert (box.mount / ".spotctl/volume-id").read_text().strip() == VOLUME_ID

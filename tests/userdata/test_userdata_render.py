@@ -1,0 +1,132 @@
+"""Rendering the user data: size, safety of the embedding, and what runs on Python 3.9."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import bz2
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from chalicelib.userdata import (
+    USER_DATA_LIMIT_BYTES,
+    AgentParams,
+    params_document,
+    render_user_data,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+TYPICAL = AgentParams(
+    job_id="01JF6Z8Y3V6Q2W9R1T5M4K7N8P",
+    attempt=3,
+    api_url="https://abcdefghij.execute-api.us-east-1.amazonaws.com/api",
+    secret="x" * 64,
+    volume_id="vol-0123456789abcdef0",
+    command=("torchrun", "--nproc-per-node=8", "train.py", "--config", "configs/llm-7b.yaml"),
+    image="123456789012.dkr.ecr.us-east-1.amazonaws.com/train:2026-11-28",
+    s3_prefix="s3://research-checkpoints/jobs/01JF6Z8Y3V6Q2W9R1T5M4K7N8P",
+)
+
+
+def slot(text: str, name: str) -> str:
+    match = re.search(rf"^{name}='([^']*)'$", text, re.MULTILINE)
+    assert match, name
+    return match[1]
+
+
+def load_agent() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("spotctl_agent", REPO / "user_data/agent.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["spotctl_agent"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_typical_user_data_is_well_under_the_16_kb_limit() -> None:
+    size = len(render_user_data(TYPICAL).encode())
+    print(f"rendered user data: {size} bytes")
+    assert size < USER_DATA_LIMIT_BYTES - 2048  # room for long commands
+
+
+def test_user_data_over_16_kb_is_refused() -> None:
+    huge = AgentParams(**{**TYPICAL.__dict__, "command": ("python", "-c", "x" * 8000)})
+    with pytest.raises(ValueError, match="over EC2's 16384"):
+        render_user_data(huge)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"volume_id": "/dev/sdf"},
+        {"api_url": "https://api.example/"},
+        {"stop_signal": "KILL"},
+        {"stop_signal": "NOPE"},
+        {"checkpoint_dir": "/etc"},
+        {"checkpoint_dir": "../other-job"},
+        {"s3_prefix": "bucket/prefix"},
+        {"command": (), "image": None},
+    ],
+)
+def test_parameters_the_instance_cannot_use_are_refused(change: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        render_user_data(AgentParams(**{**TYPICAL.__dict__, **change}))
+
+
+def test_parameters_and_files_round_trip_through_the_shell_slots() -> None:
+    hostile = AgentParams(
+        **{**TYPICAL.__dict__, "command": ("sh", "-c", "echo '$(id)' `id`; x=\"$HOME\"\n")}
+    )
+    text = render_user_data(hostile)
+    doc = json.loads(base64.b64decode(slot(text, "SPOTCTL_PARAMS_B64")))
+    assert doc == params_document(hostile)
+    files = json.loads(bz2.decompress(base64.b85decode(slot(text, "SPOTCTL_BUNDLE_B85"))))
+    for name in ("bootstrap.sh", "agent.py"):
+        assert files[name] == (REPO / "user_data" / name).read_text()
+    # The agent reads exactly what was rendered.
+    agent = load_agent()
+    path = Path(__file__).parent / "params.tmp.json"
+    try:
+        path.write_text(json.dumps(doc))
+        params = agent.Params.load(str(path))
+    finally:
+        path.unlink()
+    assert params.command == hostile.command
+    assert params.secret == hostile.secret
+
+
+def test_the_instance_side_parses_as_python_3_9() -> None:
+    """Amazon Linux 2023's python3 is 3.9: no 3.10+ syntax may creep in."""
+    sources = [(REPO / "user_data/agent.py").read_text()]
+    for script in ("cloud-init.sh", "bootstrap.sh"):
+        text = (REPO / "user_data" / script).read_text()
+        sources += re.findall(r"-c '\n(.*?)\n'", text, re.DOTALL)
+    assert len(sources) == 2  # the agent and cloud-init.sh's unpacker
+    for source in sources:
+        ast.parse(source, feature_version=(3, 9))
+
+
+def test_the_scripts_are_shellcheck_clean() -> None:
+    scripts = sorted(str(p) for p in (REPO / "user_data").glob("*.sh"))
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    done = subprocess.run([str(shellcheck), *scripts], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout
+
+
+def test_the_unrendered_template_refuses_to_run(tmp_path: Path) -> None:
+    done = subprocess.run(
+        ["bash", str(REPO / "user_data/cloud-init.sh")],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={"SPOTCTL_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 1
+    assert "template" in done.stderr

@@ -1,0 +1,129 @@
+"""Stand-in for the external commands the instance side runs (tests only).
+
+Invoked as `python userdata_shim.py NAME ARGS...` by a one-line wrapper named NAME on
+PATH. Every call is appended to $SHIM_LOG as JSON; behaviour is steered by files in
+$SHIM_DIR (written by the test) so a test can change the world while the agent runs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+SHIM_DIR = Path(os.environ["SHIM_DIR"])
+
+
+def setting(name: str, default: str) -> str:
+    path = SHIM_DIR / name
+    return path.read_text().strip() if path.exists() else default
+
+
+def record(name: str, argv: list[str]) -> None:
+    line = json.dumps({"t": time.time(), "cmd": name, "argv": argv}) + "\n"
+    with open(os.environ["SHIM_LOG"], "a") as f:
+        f.write(line)
+
+
+def s3_path(location: str) -> Path | None:
+    if location.startswith("s3://"):
+        return Path(os.environ["SHIM_S3_ROOT"]) / location.removeprefix("s3://")
+    return None
+
+
+def aws(argv: list[str]) -> int:
+    if argv[:2] == ["ecr", "get-login-password"]:
+        print("ecr-password")
+        return 0
+    if argv[:2] != ["s3", "sync"]:
+        return 2
+    if int(setting("aws-s3.rc", "0")):
+        print("fatal error: simulated S3 outage", file=sys.stderr)
+        return int(setting("aws-s3.rc", "0"))
+    src, dst = argv[2], argv[3]
+    excludes = [argv[i + 1] for i, a in enumerate(argv) if a == "--exclude"]
+    src_dir, dst_dir = s3_path(src) or Path(src), s3_path(dst) or Path(dst)
+    verb = "upload" if dst.startswith("s3://") else "download"
+    if not src_dir.is_dir():
+        return 0
+    for path in sorted(src_dir.rglob("*")):
+        rel = path.relative_to(src_dir).as_posix()
+        if path.is_dir() or any(fnmatch.fnmatch(rel, p) for p in excludes):
+            continue
+        target = dst_dir / rel
+        same_size = target.exists() and target.stat().st_size == path.stat().st_size
+        if same_size and target.stat().st_mtime >= path.stat().st_mtime:
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+        print(f"{verb}: {src.rstrip('/')}/{rel} to {dst.rstrip('/')}/{rel}")
+    return 0
+
+
+def docker(argv: list[str]) -> int:
+    containers = SHIM_DIR / "containers"
+    containers.mkdir(exist_ok=True)
+    if argv[0] == "pull":
+        return int(setting("docker-pull.rc", "0"))
+    if argv[0] == "login":
+        sys.stdin.read()
+        return 0
+    if argv[0] == "kill":
+        signame = argv[2] if argv[1] == "--signal" else "KILL"
+        pid = int((containers / argv[-1]).read_text())
+        os.kill(pid, getattr(signal, "SIG" + signame))
+        return 0
+    if argv[0] != "run":
+        return 1
+    env = dict(os.environ)
+    i, name = 1, "unnamed"
+    while argv[i].startswith("-"):
+        flag = argv[i]
+        if flag in ("--name", "-v", "-e", "--gpus"):
+            value = argv[i + 1]
+            if flag == "--name":
+                name = value
+            if flag == "-e":
+                key, _, val = value.partition("=")
+                env[key] = val
+            i += 2
+        else:
+            i += 1
+    command = argv[i + 1 :]  # argv[i] is the image
+    (containers / name).write_text(str(os.getpid()))
+    os.execvpe(command[0], command, env)  # noqa: S606 - a container runs argv as given
+    return 127  # not reached
+
+
+def main() -> int:
+    name, argv = sys.argv[1], sys.argv[2:]
+    record(name, argv)
+    if name == "lsblk":
+        print(setting("lsblk.out", "nvme0n1 vol0000000000000000a"))
+        return 0
+    if name == "blkid":
+        out = setting("blkid.out", "")
+        if out:
+            print(out)
+        return int(setting("blkid.rc", "2"))
+    if name == "nvidia-smi":
+        gpus = setting("gpus", "")
+        if not gpus:
+            print("NVIDIA-SMI has failed", file=sys.stderr)
+            return 9
+        print(gpus)
+        return 0
+    if name == "aws":
+        return aws(argv)
+    if name == "docker":
+        return docker(argv)
+    return 0  # mount, mkfs.*, resize2fs, xfs_growfs, shutdown: recorded only
+
+
+if __name__ == "__main__":
+    sys.exit(main())
