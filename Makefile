@@ -21,8 +21,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The whole suite: lint, types, every test, and the offline deploy checks.
 test: lint typecheck
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --ignore=tests/deploy
+	$(MAKE) deploy-check
 
 demo: $(STAMP)
 	$(BIN)/python -m spotctl.demo

@@ -181,7 +181,7 @@ def _account_for_instances(job: Job, observed: Observed, now: float) -> tuple[Jo
         if view is None:
             continue
         if view.gone:
-            reason = ENDED_INTERRUPTED if attempt.warned_at is not None else ENDED_RECLAIMED
+            reason = _why_gone(job, attempt)
             job = _end_attempt(job, attempt, reason, now)
             detail = f"{attempt.instance_id} {view.state}"
             job = job.with_event(now, f"instance-{reason}", detail, attempt.number)
@@ -199,6 +199,14 @@ def _account_for_instances(job: Job, observed: Observed, now: float) -> tuple[Jo
         ):
             terminate.append(attempt.instance_id)
     return job, terminate
+
+
+def _why_gone(job: Job, attempt: Attempt) -> str:
+    if job.cancel_requested_at is not None:
+        return ENDED_CANCELLED
+    if job.exit_code is not None:
+        return ENDED_COMPLETED
+    return ENDED_INTERRUPTED if attempt.warned_at is not None else ENDED_RECLAIMED
 
 
 def _end_attempt(job: Job, attempt: Attempt, reason: str, now: float) -> Job:

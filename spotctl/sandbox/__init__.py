@@ -3,6 +3,7 @@
 from spotctl.sandbox.clock import Clock, FakeClock, ScaledClock
 from spotctl.sandbox.cloud import LocalCloud
 from spotctl.sandbox.ec2 import InstanceInfo, Lifecycle, LifecycleEvent
+from spotctl.sandbox.emulator import InstanceEmulator
 from spotctl.sandbox.events import (
     EventBus,
     EventTarget,
@@ -20,6 +21,7 @@ __all__ = [
     "EventBus",
     "EventTarget",
     "FakeClock",
+    "InstanceEmulator",
     "InstanceInfo",
     "InvalidEventPattern",
     "Lifecycle",

@@ -160,6 +160,10 @@ class _ProxyServer(ThreadingHTTPServer):
         self.connections_lock = threading.Lock()
         super().__init__(address, _ProxyRequestHandler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client killed mid-request (an emulated instance at termination) is no error.
+        logger.debug("request from %s ended early", client_address, exc_info=True)
+
 
 class _ProxyRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"

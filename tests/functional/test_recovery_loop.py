@@ -216,7 +216,10 @@ def test_cancel_while_running_leaves_no_instance(env: Env) -> None:
     assert json.loads(response.body)["state"] == "CANCELLING"
     assert env.cloud.live_instances(job_id) == []
     env.cloud.state_change(first, "terminated")
-    assert env.job(job_id)["state"] == "CANCELLED"
+    job = env.job(job_id)
+    assert job["state"] == "CANCELLED"
+    assert [a["end_reason"] for a in job["attempts"]] == ["cancelled"]
+    assert job["interruptions"] == 0
     assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]  # kept
 
 

@@ -23,7 +23,7 @@ from spotctl.sandbox import (
 
 from .conftest import launch, volume_in, write_trace
 
-SHAPES = Path(__file__).resolve().parents[3] / "shared" / "aws-events"
+SHAPES = Path(__file__).resolve().parents[1] / "fixtures" / "aws-events"  # the documented shapes
 
 
 def event(detail_type: str, state: str | None = None, instance_id: str = "i-1") -> dict[str, Any]:

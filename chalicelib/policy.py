@@ -1,0 +1,443 @@
+"""Where and how to run a job next: spot in a pool, on-demand in a pool, or wait.
+
+One pure entry point, :func:`decide_placement`, is called by the reconcile Lambda at
+every launch and relaunch and by ``spotctl simulate`` at every tick, so the code the
+simulator scores is the code that runs in production. Standard library only: it is
+imported by the Lambda on every cold start.
+
+The deadline rules rest on *slack*: time to the deadline minus the work left. Every
+restart spends some of it (restart overhead, plus the volume move for another AZ),
+every hour spent waiting spends an hour of it, running spends none. The policy
+
+- never lets slack fall below what an on-demand instance needs to finish in time, so a
+  deadline that on-demand can still meet is never missed (a spot start must leave room
+  for one more restart on on-demand; a wait must leave room for one more recheck);
+- keeps a reserve of slack proportional to the time left: the share Uniform Progress
+  keeps (Wu et al., NSDI '24), smaller when the pool's recent availability says spot
+  will carry more of the work, plus a fixed cushion before it waits instead of buying
+  on-demand during an outage;
+- takes spot whenever a pool has it and the start is safe; rides it until preempted;
+  leaves on-demand for spot as soon as it is back above the reserve and spot has been
+  back for a restart's worth of time (short-lived capacity costs two restarts);
+- ranks spot pools by expected cost per hour of progress, counting the restarts that
+  the recorded interruptions predict and the volume move (snapshot + restore) another
+  AZ needs; before paying for a move it waits, ski-rental style, as long as the move
+  would cost for spot to come back where the volume is.
+
+Max price follows AWS's advice (no low bids): the on-demand price, or the job's cap if
+lower; after an interruption caused by price it is raised, up to the cap.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+
+SECONDS_PER_HOUR = 3600.0
+
+# Moving the data volume to another AZ: snapshot it, then create a volume from the
+# snapshot there. A fixed part (API calls, attach, filesystem check) plus a part that
+# grows with the data copied. Restoring the latest checkpoint from S3 is the
+# alternative when the checkpoint is smaller than the volume.
+MIGRATION_FIXED_HOURS = 0.05
+SNAPSHOT_GIB_PER_HOUR = 400.0
+S3_RESTORE_GIB_PER_HOUR = 600.0
+
+
+class Market(StrEnum):
+    """How an instance is bought."""
+
+    SPOT = "spot"  # interruptible, billed at the spot price
+    ON_DEMAND = "on-demand"  # never interrupted by EC2, billed at the list price
+
+
+class InterruptionCause(StrEnum):
+    """Why EC2 took a spot instance back."""
+
+    CAPACITY = "capacity"  # EC2 needed the capacity: move pools, raising the bid is useless
+    PRICE = "price"  # the spot price rose above our max price: raise it, up to the cap
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """Where an instance can run: one instance type in one Availability Zone."""
+
+    instance_type: str
+    az: str
+
+
+@dataclass(frozen=True, slots=True)
+class Interruption:
+    """One spot interruption we recorded in a pool (ours or another job's)."""
+
+    at: float  # epoch seconds
+    cause: InterruptionCause
+    max_price: float | None = None  # the max price the interrupted instance had
+
+
+@dataclass(frozen=True, slots=True)
+class PoolQuote:
+    """What we know about a pool right now."""
+
+    pool: Pool
+    on_demand_price: float  # $/h
+    spot_price: float | None  # $/h; None when spot capacity is known to be unavailable
+    interruptions: tuple[Interruption, ...] = ()
+    spot_available: bool = True  # believed available (no recent capacity failure)
+    capacity_changed_at: float | None = None  # epoch s spot last came or went here
+    # Share of the recent past (Tuning.history_window_hours) with spot capacity here,
+    # from our capacity observations; None when we have none.
+    recent_availability: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CurrentRun:
+    """The instance the job has now, if any."""
+
+    pool: Pool
+    market: Market
+    started_at: float  # epoch seconds
+    startup_hours: float  # restart (+ migration) overhead this instance pays before progress
+    max_price: float | None = None  # spot only
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementView:
+    """Everything the policy may look at. Built by the Lambda and by the simulator."""
+
+    work_done_hours: float
+    total_work_hours: float | None  # None: no estimate, decide by price alone
+    deadline: float | None  # epoch seconds; None: no deadline
+    restart_overhead_hours: float
+    migration_overhead_hours: float  # see migration_overhead_hours()
+    price_cap: float | None  # $/h the user will pay at most for spot
+    current: CurrentRun | None
+    volume_az: str | None  # None before the first launch: no volume to move yet
+    pools: tuple[PoolQuote, ...]
+    recheck_hours: float = 1.0 / 60.0  # the longest time until decide_placement runs again
+    history_since: float | None = None  # epoch s from which interruptions were recorded
+    job_started_at: float | None = None  # epoch s the deadline's window opened (submission)
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """The policy's constants, in one place so tests and the simulator can name them."""
+
+    # Prior on a pool's interruption rate, blended with the recorded history.
+    prior_interruptions_per_hour: float = 0.25
+    prior_hours: float = 8.0
+    history_window_hours: float = 72.0
+    # Slack kept in reserve, as a multiple of Uniform Progress's (slack0 / window).
+    reserve_factor: float = 1.0
+    # Excess slack (in restarts) needed to leave on-demand for spot.
+    leave_on_demand_restarts: float = 0.0
+    # How long (in restarts) spot must have been back before on-demand is left for it.
+    leave_on_demand_min_age_restarts: float = 1.0
+    # How much of the recent availability we count on, and how much of Uniform
+    # Progress's schedule we keep in the blend.
+    availability_trust: float = 1.0
+    # Waiting for spot in the volume's AZ before moving, in migration overheads.
+    home_wait_moves: float = 1.0
+    # Slack kept on top of the reserve before waiting (hours).
+    cushion_hours: float = 0.5
+    uniform_weight: float = 0.0
+
+
+DEFAULT_TUNING = Tuning()
+
+
+@dataclass(frozen=True, slots=True)
+class Spot:
+    """Run on spot in ``pool`` with ``max_price``; try ``fallbacks`` on no capacity."""
+
+    pool: Pool
+    max_price: float
+    reason: str
+    fallbacks: tuple[Pool, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OnDemand:
+    """Run on-demand in ``pool``; try ``fallbacks`` on no capacity."""
+
+    pool: Pool
+    reason: str
+    fallbacks: tuple[Pool, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Run nothing; decide again at ``until`` (epoch seconds) at the latest."""
+
+    until: float
+    reason: str
+
+
+Placement = Spot | OnDemand | Wait
+
+
+def migration_overhead_hours(volume_gib: float, checkpoint_gib: float | None = None) -> float:
+    """Hours lost moving a job's data to another AZ: snapshot+restore, or S3 restore."""
+    by_snapshot = MIGRATION_FIXED_HOURS + volume_gib / SNAPSHOT_GIB_PER_HOUR
+    if checkpoint_gib is None:
+        return by_snapshot
+    return min(by_snapshot, MIGRATION_FIXED_HOURS + checkpoint_gib / S3_RESTORE_GIB_PER_HOUR)
+
+
+def max_price_for(quote: PoolQuote, price_cap: float | None) -> float:
+    """The max price to bid: on-demand (or the cap), raised after price interruptions."""
+    base = quote.on_demand_price if price_cap is None else min(price_cap, quote.on_demand_price)
+    raised = [
+        i.max_price * 1.2
+        for i in quote.interruptions
+        if i.cause is InterruptionCause.PRICE and i.max_price is not None
+    ]
+    bid = max([base, *raised])
+    return bid if price_cap is None else min(bid, price_cap)
+
+
+def interruption_rate(
+    quote: PoolQuote, now: float, since: float | None, tuning: Tuning = DEFAULT_TUNING
+) -> float:
+    """Interruptions per hour expected in a pool: recorded history blended with a prior."""
+    window_start = now - tuning.history_window_hours * SECONDS_PER_HOUR
+    if since is not None:
+        window_start = max(window_start, since)
+    observed_hours = max(0.0, (now - window_start) / SECONDS_PER_HOUR)
+    count = sum(1 for i in quote.interruptions if window_start <= i.at <= now)
+    prior = tuning.prior_interruptions_per_hour * tuning.prior_hours
+    return (count + prior) / (observed_hours + tuning.prior_hours)
+
+
+def _usable_spot(quote: PoolQuote, price_cap: float | None) -> bool:
+    return (
+        quote.spot_available
+        and quote.spot_price is not None
+        and quote.spot_price <= max_price_for(quote, price_cap)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Ranked:
+    quote: PoolQuote
+    cost_per_progress_hour: float
+    startup_hours: float
+    rate: float
+
+
+def _rank_spot_pools(
+    view: PlacementView, now: float, remaining_hours: float | None, tuning: Tuning
+) -> list[_Ranked]:
+    """Usable spot pools, cheapest expected cost per hour of progress first."""
+    ranked: list[_Ranked] = []
+    current = view.current
+    for quote in view.pools:
+        if not _usable_spot(quote, view.price_cap):
+            continue
+        price = quote.spot_price if quote.spot_price is not None else quote.on_demand_price
+        rate = interruption_rate(quote, now, view.history_since, tuning)
+        moving = view.volume_az is not None and quote.pool.az != view.volume_az
+        if current is not None and current.market is Market.SPOT and current.pool == quote.pool:
+            startup = max(0.0, current.startup_hours - (now - current.started_at) / 3600.0)
+        else:
+            startup = view.restart_overhead_hours + (
+                view.migration_overhead_hours if moving else 0.0
+            )
+        # Each expected interruption costs a restart; the first start is paid once,
+        # spread over the shorter of the work left and the expected spot lifetime.
+        stay = 1.0 / rate
+        if remaining_hours is not None:
+            stay = min(stay, max(remaining_hours, view.recheck_hours))
+        waste = rate * view.restart_overhead_hours + startup / stay
+        useful = max(1e-6, 1.0 - min(0.999, waste))
+        ranked.append(_Ranked(quote, price / useful, startup, rate))
+    ranked.sort(key=lambda r: (r.cost_per_progress_hour, r.quote.pool.az))
+    return ranked
+
+
+def _on_demand_quote(view: PlacementView) -> PoolQuote:
+    """The on-demand pool: in the volume's AZ (no move), the cheapest type there."""
+    local = [q for q in view.pools if view.volume_az is None or q.pool.az == view.volume_az]
+    candidates = local or list(view.pools)
+    if view.current is not None and view.current.market is Market.ON_DEMAND:
+        for q in candidates:
+            if q.pool == view.current.pool:
+                return q
+    return min(candidates, key=lambda q: (q.on_demand_price, q.pool.az, q.pool.instance_type))
+
+
+def _fallbacks(pools: list[PoolQuote], chosen: Pool) -> tuple[Pool, ...]:
+    return tuple(q.pool for q in pools if q.pool != chosen)
+
+
+def decide_placement(view: PlacementView, now: float, tuning: Tuning = DEFAULT_TUNING) -> Placement:
+    """Choose spot in a pool (with a max price), on-demand in a pool, or waiting."""
+    if not view.pools:
+        return Wait(now + view.recheck_hours * SECONDS_PER_HOUR, "no pool to run in")
+    remaining: float | None = None
+    if view.total_work_hours is not None:
+        remaining = max(0.0, view.total_work_hours - view.work_done_hours)
+    ranked = _rank_spot_pools(view, now, remaining, tuning)
+    on_demand = _on_demand_quote(view)
+    od_fallbacks = _fallbacks(sorted(view.pools, key=lambda q: q.on_demand_price), on_demand.pool)
+    spot_fallbacks = [r.quote for r in ranked]
+    current = view.current
+
+    if remaining is None or view.deadline is None:
+        return _price_only(view, now, ranked, on_demand, od_fallbacks)
+
+    d = view.restart_overhead_hours
+    left = (view.deadline - now) / SECONDS_PER_HOUR
+    on_od_now = current is not None and current.market is Market.ON_DEMAND
+    on_spot_now = current is not None and current.market is Market.SPOT
+    # Raw slack: time left minus work left. Starting on-demand costs d of it.
+    slack = left - remaining
+    if on_od_now and current is not None:
+        od_startup = max(0.0, current.startup_hours - (now - current.started_at) / 3600.0)
+    else:
+        od_startup = d
+
+    # Riding a spot instance that still has capacity costs no slack: keep it, unless
+    # another pool is so much cheaper that moving pays (price-driven moves only).
+    if on_spot_now and current is not None:
+        mine = next((r for r in ranked if r.quote.pool == current.pool), None)
+        if mine is not None:
+            best = ranked[0]
+            if best is mine or best.cost_per_progress_hour >= 0.8 * mine.cost_per_progress_hour:
+                return Spot(
+                    current.pool,
+                    max_price_for(mine.quote, view.price_cap),
+                    "keep the running spot instance",
+                    _fallbacks(spot_fallbacks, current.pool),
+                )
+
+    reserve = _reserve_share(view, _home_quote(view, ranked), now, tuning) * left
+    excess = slack - reserve
+
+    if ranked:
+        best = ranked[0]
+        # After this start, a preemption must still leave time to finish on-demand.
+        safe = slack - best.startup_hours - d >= 0.0
+        if safe and not on_od_now and _wait_for_home(view, best, excess, now, tuning):
+            return Wait(
+                now + view.recheck_hours * SECONDS_PER_HOUR,
+                "spot only in another AZ: wait a move's worth of time for it here",
+            )
+        if safe and not on_od_now:
+            return Spot(
+                best.quote.pool,
+                max_price_for(best.quote, view.price_cap),
+                "spot has capacity and the deadline can absorb a restart",
+                _fallbacks(spot_fallbacks, best.quote.pool),
+            )
+        if safe and on_od_now and _leave_on_demand(view, best, excess, now, tuning):
+            return Spot(
+                best.quote.pool,
+                max_price_for(best.quote, view.price_cap),
+                "ahead of schedule: leave on-demand for spot",
+                _fallbacks(spot_fallbacks, best.quote.pool),
+            )
+
+    if on_od_now:
+        return OnDemand(on_demand.pool, "keep on-demand until spot pays again", od_fallbacks)
+
+    # Idle (or just preempted): wait while ahead of the reserve and one more recheck
+    # still leaves time to start on-demand and finish.
+    can_wait = slack - view.recheck_hours - od_startup >= 0.0
+    if excess >= tuning.cushion_hours and can_wait:
+        wait_hours = min(max(excess, 0.0), slack - od_startup - view.recheck_hours)
+        until = now + max(view.recheck_hours, wait_hours) * SECONDS_PER_HOUR
+        return Wait(until, "no spot now; slack allows waiting for it")
+    return OnDemand(on_demand.pool, "no spot now and the deadline needs progress", od_fallbacks)
+
+
+def _reserve_share(
+    view: PlacementView, quote: PoolQuote | None, now: float, tuning: Tuning
+) -> float:
+    """Share of the time left to keep as slack.
+
+    Uniform Progress keeps slack0 / window: it expects spot for W / window of the time
+    left. We expect the share the pool recently had, less restarts, when we know it.
+    """
+    uniform = 0.0
+    if view.job_started_at is not None and view.deadline is not None:
+        window = (view.deadline - view.job_started_at) / SECONDS_PER_HOUR
+        if window > 0.0 and view.total_work_hours is not None:
+            uniform = max(0.0, 1.0 - view.total_work_hours / window)
+    if quote is None or quote.recent_availability is None:
+        return tuning.reserve_factor * uniform
+    rate = interruption_rate(quote, now, view.history_since, tuning)
+    expected = quote.recent_availability * (1.0 - rate * view.restart_overhead_hours)
+    expected = min(1.0, max(0.0, expected * tuning.availability_trust))
+    # Spot rarer than the uniform schedule needs: that schedule is still the one to
+    # keep (a stricter one could not be caught up with); richer: wait for it more.
+    blended = tuning.uniform_weight * uniform + (1.0 - tuning.uniform_weight) * min(
+        uniform, 1.0 - expected
+    )
+    return tuning.reserve_factor * blended
+
+
+def _wait_for_home(
+    view: PlacementView, best: _Ranked, excess: float, now: float, tuning: Tuning
+) -> bool:
+    """Ski rental: before paying a move, wait as long as the move costs for home spot."""
+    if view.volume_az is None or best.quote.pool.az == view.volume_az:
+        return False
+    if excess < tuning.cushion_hours:
+        return False
+    left = (view.deadline - now) / SECONDS_PER_HOUR if view.deadline is not None else math.inf
+    remaining = (view.total_work_hours or 0.0) - view.work_done_hours
+    if left - remaining - view.recheck_hours - view.restart_overhead_hours < 0.0:
+        return False
+    for q in view.pools:
+        if q.pool.az != view.volume_az or q.capacity_changed_at is None:
+            continue
+        outage = (now - q.capacity_changed_at) / SECONDS_PER_HOUR
+        if outage < tuning.home_wait_moves * view.migration_overhead_hours:
+            return True
+    return False
+
+
+def _leave_on_demand(
+    view: PlacementView, best: _Ranked, excess: float, now: float, tuning: Tuning
+) -> bool:
+    """Leave a safe on-demand instance for spot only when the trip is likely to pay."""
+    d = view.restart_overhead_hours
+    need = tuning.leave_on_demand_restarts * d + best.startup_hours - d
+    if excess < need:
+        return False
+    since = best.quote.capacity_changed_at
+    age = 0.0 if since is None else (now - since) / SECONDS_PER_HOUR
+    return age + 1e-9 >= tuning.leave_on_demand_min_age_restarts * d
+
+
+def _home_quote(view: PlacementView, ranked: list[_Ranked]) -> PoolQuote | None:
+    """The pool whose history predicts our future: the volume's (or the best) pool."""
+    for q in view.pools:
+        if view.volume_az is not None and q.pool.az == view.volume_az:
+            return q
+    return ranked[0].quote if ranked else (view.pools[0] if view.pools else None)
+
+
+def _price_only(
+    view: PlacementView,
+    now: float,
+    ranked: list[_Ranked],
+    on_demand: PoolQuote,
+    od_fallbacks: tuple[Pool, ...],
+) -> Placement:
+    """No work estimate or no deadline: cheapest expected spot, else wait a bounded time."""
+    if ranked:
+        best = ranked[0]
+        return Spot(
+            best.quote.pool,
+            max_price_for(best.quote, view.price_cap),
+            "cheapest expected cost per hour of progress",
+            _fallbacks([r.quote for r in ranked], best.quote.pool),
+        )
+    return OnDemand(
+        on_demand.pool,
+        "no spot capacity and no schedule to wait on: never wait unbounded",
+        od_fallbacks,
+    )

@@ -1,0 +1,462 @@
+"""`spotctl bootstrap`: create what `chalice deploy` does not, idempotently.
+
+For one stage: the jobs table (on-demand, point-in-time recovery), the results
+bucket (encrypted, private, TLS only, versioned), the instance role and profile
+(the job prefixes of that bucket, nothing else), the dead-letter queue for EventBridge
+deliveries, the signing key (an SSM SecureString, created once and never replaced),
+and the EC2 Spot service-linked role. It then writes the bucket's name into
+``.chalice/config.json`` for the stage. Run again after the first `chalice deploy`,
+it also records the API's URL there (the instances report to it; a redeploy passes
+it to the functions) and points the EventBridge rules Chalice made at the
+dead-letter queue.
+
+Every step reads first and writes only what differs, so a second run changes
+nothing. The names are the ones ``.chalice/config.json`` and the stage's IAM policy
+use: ``spotctl-<stage>-jobs``, ``spotctl-<stage>-instance``,
+``spotctl-<stage>-events-dlq``, ``/spotctl/<stage>/signing-key``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from botocore.exceptions import ClientError
+
+from chalicelib.store import create_table
+
+if TYPE_CHECKING:
+    import boto3
+
+SPOT_SERVICE_ROLE = "AWSServiceRoleForEC2Spot"
+SPOT_SERVICE_ROLE_PATH = "/aws-service-role/spot.amazonaws.com/"
+DLQ_RETENTION_SECONDS = "1209600"  # 14 days, the most SQS keeps
+_MISSING = {
+    "NoSuchEntity",
+    "NoSuchBucket",
+    "404",
+    "NotFound",
+    "ResourceNotFoundException",
+    "ParameterNotFound",
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "NoSuchPublicAccessBlockConfiguration",
+    "ServerSideEncryptionConfigurationNotFoundError",
+    "NoSuchBucketPolicy",
+    "NoSuchLifecycleConfiguration",
+    "OwnershipControlsNotFoundError",
+}
+
+
+def _missing(exc: ClientError) -> bool:
+    return exc.response["Error"]["Code"] in _MISSING
+
+
+def _json(document: dict[str, Any]) -> str:
+    return json.dumps(document, sort_keys=True)
+
+
+def _same_json(text: str | dict[str, Any] | None, document: dict[str, Any]) -> bool:
+    if text is None:
+        return False
+    loaded = json.loads(text) if isinstance(text, str) else text
+    return _json(loaded) == _json(document)
+
+
+@dataclass(frozen=True)
+class Names:
+    stage: str
+    account: str
+    region: str
+
+    @property
+    def table(self) -> str:
+        return f"spotctl-{self.stage}-jobs"
+
+    @property
+    def bucket(self) -> str:
+        return f"spotctl-{self.stage}-{self.account}-{self.region}"
+
+    @property
+    def instance_role(self) -> str:
+        return f"spotctl-{self.stage}-instance"  # the profile has the same name
+
+    @property
+    def queue(self) -> str:
+        return f"spotctl-{self.stage}-events-dlq"
+
+    @property
+    def signing_key(self) -> str:
+        return f"/spotctl/{self.stage}/signing-key"
+
+    @property
+    def rule_prefix(self) -> str:
+        # `chalice deploy` names rules <app>-<stage>-<handler>; a CloudFormation stack
+        # named spotctl-<stage> gives its rules the same prefix.
+        return f"spotctl-{self.stage}-"
+
+
+def instance_policy(bucket: str) -> dict[str, Any]:
+    """What the agent needs: `aws s3 sync` of its job's prefix (same as the template)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "ListJobPrefixes",
+                "Effect": "Allow",
+                "Action": "s3:ListBucket",
+                "Resource": f"arn:aws:s3:::{bucket}",
+                "Condition": {"StringLike": {"s3:prefix": ["jobs/*"]}},
+            },
+            {
+                "Sid": "ReadWriteJobFiles",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject", "s3:PutObject"],
+                "Resource": f"arn:aws:s3:::{bucket}/jobs/*",
+            },
+        ],
+    }
+
+
+_EC2_TRUST = {
+    "Version": "2012-10-17",
+    "Statement": [
+        {
+            "Effect": "Allow",
+            "Principal": {"Service": "ec2.amazonaws.com"},
+            "Action": "sts:AssumeRole",
+        }
+    ],
+}
+
+
+def bucket_policy(bucket: str) -> dict[str, Any]:
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "TlsOnly",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "s3:*",
+                "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            }
+        ],
+    }
+
+
+def queue_policy(names: Names, queue_arn: str) -> dict[str, Any]:
+    rules = f"arn:aws:events:{names.region}:{names.account}:rule/{names.rule_prefix}*"
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "EventBridgeRulesOfThisStage",
+                "Effect": "Allow",
+                "Principal": {"Service": "events.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnLike": {"aws:SourceArn": rules}},
+            }
+        ],
+    }
+
+
+_PUBLIC_ACCESS_BLOCK = {
+    "BlockPublicAcls": True,
+    "IgnorePublicAcls": True,
+    "BlockPublicPolicy": True,
+    "RestrictPublicBuckets": True,
+}
+_ENCRYPTION = {
+    "Rules": [
+        {"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}, "BucketKeyEnabled": True}
+    ]
+}
+_LIFECYCLE = {
+    "Rules": [
+        {
+            "ID": "expire-old-checkpoint-versions",
+            "Status": "Enabled",
+            "Filter": {"Prefix": ""},
+            "NoncurrentVersionExpiration": {"NoncurrentDays": 7},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 2},
+        }
+    ]
+}
+
+
+@dataclass
+class Bootstrap:
+    """One stage's resources; each ``ensure_*`` reads, then changes only what differs."""
+
+    session: boto3.session.Session
+    names: Names
+    config_path: Path | None = None
+    changes: list[str] = field(default_factory=list)
+    new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(48)
+
+    def client(self, service: str) -> Any:
+        make: Any = self.session.client
+        return make(service, region_name=self.names.region)
+
+    def run(self) -> list[str]:
+        self.ensure_table()
+        self.ensure_bucket()
+        self.ensure_instance_role()
+        self.ensure_spot_service_role()
+        queue_arn = self.ensure_dead_letter_queue()
+        self.ensure_signing_key()
+        self.ensure_rule_dead_letters(queue_arn)
+        self.ensure_stage_config()
+        return self.changes
+
+    def _changed(self, what: str) -> None:
+        self.changes.append(what)
+
+    # -- DynamoDB ----------------------------------------------------------------
+
+    def ensure_table(self) -> None:
+        dynamodb = self.client("dynamodb")
+        try:
+            dynamodb.describe_table(TableName=self.names.table)
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            create_table(dynamodb, self.names.table)
+            self._changed(f"created table {self.names.table}")
+        backups = dynamodb.describe_continuous_backups(TableName=self.names.table)
+        pitr = backups["ContinuousBackupsDescription"].get("PointInTimeRecoveryDescription", {})
+        if pitr.get("PointInTimeRecoveryStatus") != "ENABLED":
+            dynamodb.update_continuous_backups(
+                TableName=self.names.table,
+                PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True},
+            )
+            self._changed(f"enabled point-in-time recovery on {self.names.table}")
+
+    # -- S3 ------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        s3 = self.client("s3")
+        bucket = self.names.bucket
+        try:
+            s3.head_bucket(Bucket=bucket, ExpectedBucketOwner=self.names.account)
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            kwargs: dict[str, Any] = {"Bucket": bucket, "ObjectOwnership": "BucketOwnerEnforced"}
+            if self.names.region != "us-east-1":
+                kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.names.region}
+            s3.create_bucket(**kwargs)
+            self._changed(f"created bucket {bucket}")
+
+        def current(read: Callable[[], Any], key: str) -> Any:
+            try:
+                return read()[key]
+            except ClientError as exc:
+                if not _missing(exc):
+                    raise
+                return None
+
+        block = current(
+            lambda: s3.get_public_access_block(Bucket=bucket), "PublicAccessBlockConfiguration"
+        )
+        if block != _PUBLIC_ACCESS_BLOCK:
+            s3.put_public_access_block(
+                Bucket=bucket, PublicAccessBlockConfiguration=_PUBLIC_ACCESS_BLOCK
+            )
+            self._changed(f"blocked public access to {bucket}")
+        encryption = current(
+            lambda: s3.get_bucket_encryption(Bucket=bucket), "ServerSideEncryptionConfiguration"
+        )
+        if not encryption or not encryption.get("Rules"):
+            s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration=_ENCRYPTION)
+            self._changed(f"encrypted {bucket}")
+        if s3.get_bucket_versioning(Bucket=bucket).get("Status") != "Enabled":
+            s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+            self._changed(f"enabled versioning on {bucket}")
+        lifecycle = current(lambda: s3.get_bucket_lifecycle_configuration(Bucket=bucket), "Rules")
+        if not lifecycle or [r.get("ID") for r in lifecycle] != [_LIFECYCLE["Rules"][0]["ID"]]:
+            s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration=_LIFECYCLE)
+            self._changed(f"set the checkpoint version lifecycle on {bucket}")
+        policy = current(lambda: s3.get_bucket_policy(Bucket=bucket), "Policy")
+        if not _same_json(policy, bucket_policy(bucket)):
+            s3.put_bucket_policy(Bucket=bucket, Policy=_json(bucket_policy(bucket)))
+            self._changed(f"required TLS on {bucket}")
+
+    # -- IAM -----------------------------------------------------------------------
+
+    def ensure_instance_role(self) -> None:
+        iam = self.client("iam")
+        name = self.names.instance_role
+        try:
+            iam.get_role(RoleName=name)
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            iam.create_role(
+                RoleName=name,
+                AssumeRolePolicyDocument=_json(_EC2_TRUST),
+                Description="what the agent on a spotctl instance may do (sync its job's files)",
+            )
+            self._changed(f"created role {name}")
+        wanted = instance_policy(self.names.bucket)
+        try:
+            document = iam.get_role_policy(RoleName=name, PolicyName="job-files")["PolicyDocument"]
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            document = None
+        if not _same_json(document, wanted):
+            iam.put_role_policy(RoleName=name, PolicyName="job-files", PolicyDocument=_json(wanted))
+            self._changed(f"set the job-files policy of {name}")
+        try:
+            profile = iam.get_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            profile = iam.create_instance_profile(InstanceProfileName=name)["InstanceProfile"]
+            self._changed(f"created instance profile {name}")
+        if name not in [role["RoleName"] for role in profile.get("Roles", [])]:
+            iam.add_role_to_instance_profile(InstanceProfileName=name, RoleName=name)
+            self._changed(f"put role {name} in its instance profile")
+
+    def ensure_spot_service_role(self) -> None:
+        """EC2 needs it to launch spot instances; it exists once any spot was requested."""
+        iam = self.client("iam")
+        roles = iam.list_roles(PathPrefix=SPOT_SERVICE_ROLE_PATH)["Roles"]
+        if not roles:
+            iam.create_service_linked_role(AWSServiceName="spot.amazonaws.com")
+            self._changed(f"created the service-linked role {SPOT_SERVICE_ROLE}")
+
+    # -- SQS and EventBridge ----------------------------------------------------------
+
+    def ensure_dead_letter_queue(self) -> str:
+        sqs = self.client("sqs")
+        try:
+            url = sqs.get_queue_url(QueueName=self.names.queue)["QueueUrl"]
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            url = sqs.create_queue(
+                QueueName=self.names.queue,
+                Attributes={
+                    "MessageRetentionPeriod": DLQ_RETENTION_SECONDS,
+                    "SqsManagedSseEnabled": "true",
+                },
+            )["QueueUrl"]
+            self._changed(f"created queue {self.names.queue}")
+        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        arn: str = attributes["QueueArn"]
+        wanted = queue_policy(self.names, arn)
+        if not _same_json(attributes.get("Policy"), wanted):
+            sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": _json(wanted)})
+            self._changed(f"let this stage's EventBridge rules write to {self.names.queue}")
+        return arn
+
+    def ensure_rule_dead_letters(self, queue_arn: str) -> None:
+        """Rules `chalice deploy` made (none before the first deploy) get the queue."""
+        events = self.client("events")
+        paginator = events.get_paginator("list_rules")
+        for page in paginator.paginate(NamePrefix=self.names.rule_prefix):
+            for rule in page.get("Rules", []):
+                targets = events.list_targets_by_rule(Rule=rule["Name"])["Targets"]
+                stale = [
+                    t for t in targets if t.get("DeadLetterConfig", {}).get("Arn") != queue_arn
+                ]
+                if stale:
+                    for target in stale:
+                        target["DeadLetterConfig"] = {"Arn": queue_arn}
+                    events.put_targets(Rule=rule["Name"], Targets=stale)
+                    self._changed(f"sent failed deliveries of rule {rule['Name']} to the queue")
+
+    # -- SSM -------------------------------------------------------------------------
+
+    def ensure_signing_key(self) -> None:
+        ssm = self.client("ssm")
+        try:
+            ssm.get_parameter(Name=self.names.signing_key)
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            # Never overwritten: every running job's secret derives from it.
+            ssm.put_parameter(
+                Name=self.names.signing_key,
+                Type="SecureString",
+                Value=self.new_secret(),
+                Description="spotctl: HMAC key for per-job agent secrets",
+            )
+            self._changed(f"created the signing key {self.names.signing_key}")
+
+    # -- .chalice/config.json ---------------------------------------------------------
+
+    def ensure_stage_config(self) -> None:
+        """The stage's variables in ``.chalice/config.json``: the bucket's name, and once
+        `chalice deploy` has run, the API's URL (where instance agents report)."""
+        if self.config_path is None:
+            return
+        config = json.loads(self.config_path.read_text())
+        stage = config["stages"].setdefault(self.names.stage, {})
+        variables = stage.setdefault("environment_variables", {})
+        wanted = {"SPOTCTL_BUCKET": self.names.bucket}
+        api_url = deployed_api_url(self.config_path.parent, self.names.stage)
+        if api_url:
+            wanted["SPOTCTL_API_URL"] = api_url
+        changed = {k: v for k, v in wanted.items() if variables.get(k) != v}
+        if changed:
+            variables.update(changed)
+            self.config_path.write_text(json.dumps(config, indent=2) + "\n")
+            for key, value in changed.items():
+                self._changed(f"set {key}={value} in {self.config_path}")
+
+
+def deployed_api_url(chalice_dir: Path, stage: str) -> str | None:
+    """The REST API URL `chalice deploy` recorded for ``stage``, without the final slash."""
+    record = chalice_dir / "deployed" / f"{stage}.json"
+    if not record.exists():
+        return None
+    for resource in json.loads(record.read_text()).get("resources", []):
+        if resource.get("resource_type") == "rest_api" and resource.get("rest_api_url"):
+            url: str = resource["rest_api_url"]
+            return url.rstrip("/")
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    import boto3  # noqa: PLC0415 - only this command needs it
+
+    session = boto3.session.Session(region_name=args.region)
+    region = session.region_name
+    if not region:
+        print("bootstrap: no region; pass --region or set AWS_REGION")
+        return 2
+    account = session.client("sts").get_caller_identity()["Account"]
+    names = Names(stage=args.stage, account=account, region=region)
+    config = Path(args.config) if args.config else None
+    changes = Bootstrap(session, names, config).run()
+    for change in changes:
+        print(f"changed: {change}")
+    print(f"bootstrap {names.stage} in {account}/{region}: {len(changes)} change(s)")
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    """Add `spotctl bootstrap` to the CLI's subcommands."""
+    parser = subparsers.add_parser(
+        "bootstrap",
+        help="create the table, bucket, roles, queue and key `chalice deploy` needs",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    parser.add_argument("--stage", choices=["dev", "prod"], default="dev")
+    parser.add_argument("--region", default=None, help="default: the AWS profile's region")
+    parser.add_argument(
+        "--config",
+        default=".chalice/config.json",
+        help="Chalice config to write the bucket name into ('' to leave it alone)",
+    )
+    parser.set_defaults(func=run)

@@ -1,0 +1,411 @@
+"""``spotctl``: submit and watch jobs through any spotctl API, and run the local sandbox.
+
+    spotctl sandbox up               # a local AWS + control plane in the background
+    spotctl submit examples/demo-job.yaml
+    spotctl jobs --state RUNNING
+    spotctl status j-0123abcd        # attempts, interruptions, cost and saving
+    spotctl logs j-0123abcd          # the job's events (and, in the sandbox, agent logs)
+    spotctl cancel j-0123abcd --delete-volume
+    spotctl sandbox down
+
+The API is ``--api-url``, else ``$SPOTCTL_API_URL``, else the sandbox started from this
+directory (``.sandbox/state.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SANDBOX_DIR = Path(".sandbox")
+STATE_FILE = SANDBOX_DIR / "state.json"
+UP_TIMEOUT_SECONDS = 90.0
+DOWN_TIMEOUT_SECONDS = 60.0
+
+
+class CliError(Exception):
+    """A problem to tell the user in one line (exit code 1)."""
+
+
+# -- the API -------------------------------------------------------------------------------
+
+
+def sandbox_state(directory: Path = SANDBOX_DIR) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = json.loads((directory / "state.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return state
+
+
+def api_url(args: argparse.Namespace) -> str:
+    url = args.api_url or os.environ.get("SPOTCTL_API_URL")
+    if not url:
+        state = sandbox_state()
+        url = state["api_url"] if state else None
+    if not url:
+        raise CliError(
+            "no API: pass --api-url, set SPOTCTL_API_URL, or run `spotctl sandbox up` here"
+        )
+    return str(url).rstrip("/")
+
+
+def call(base: str, method: str, path: str, body: Any = None) -> Any:
+    """One API call; the decoded JSON answer, or CliError with the API's message."""
+    url = base + path
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise CliError(f"not an http(s) URL: {url}")
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
+            return json.loads(response.read().decode() or "null")
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode(errors="replace")
+        try:
+            message = json.loads(text).get("Message", text)
+        except (json.JSONDecodeError, AttributeError):
+            message = text
+        raise CliError(f"{method} {path}: HTTP {exc.code}: {message}") from None
+    except OSError as exc:
+        raise CliError(f"cannot reach the spotctl API at {base}: {exc}") from None
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+
+def _time(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).strftime("%m-%d %H:%M:%S")
+
+
+def _minutes(start: str | None, end: str | None) -> float | None:
+    if not start or not end:
+        return None
+    a = datetime.fromisoformat(start.replace("Z", "+00:00"))
+    b = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    return (b - a).total_seconds() / 60.0
+
+
+def interruptions(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each interrupted attempt, with how long the job had no running instance after it."""
+    attempts = [a for a in job["attempts"] if a["instance_id"]]
+    found = []
+    for index, attempt in enumerate(attempts):
+        if attempt["end_reason"] not in ("interrupted", "reclaimed"):
+            continue
+        following = attempts[index + 1] if index + 1 < len(attempts) else None
+        lost_at = attempt["ended_at"]
+        back_at = following["running_at"] if following else None
+        found.append(
+            {
+                "attempt": attempt["number"],
+                "instance_id": attempt["instance_id"],
+                "warned_at": attempt["warned_at"],
+                "ended_at": lost_at,
+                "resumed_at": back_at,
+                "down_minutes": _minutes(lost_at, back_at),
+                "reason": attempt["end_reason"],
+            }
+        )
+    return found
+
+
+def render_status(job: dict[str, Any]) -> str:
+    lines = [
+        f"job {job['job_id']} ({job['name']}): {job['state']}",
+        f"  cost ${job['cost_usd']:.4f}, on-demand for the same hours "
+        f"${job['on_demand_cost_usd']:.4f}, saved ${job['saved_usd']:.4f}",
+    ]
+    if job.get("failure"):
+        lines.append(f"  failure: {job['failure']}")
+    if job.get("volume"):
+        lines.append(f"  volume {job['volume']['volume_id']} in {job['volume']['az']}")
+    lines.append("attempts:")
+    for a in job["attempts"]:
+        lines.append(
+            f"  #{a['number']:<3} {a['instance_id'] or '-':<21} {a['pool'] or '-':<24} "
+            f"{a['market'] or '-':<9} ${a['price'] or 0:.4f}/h  running {_time(a['running_at'])}"
+            f"  ended {_time(a['ended_at'])} {a['end_reason'] or ''}  ${a['cost_usd']:.4f}"
+        )
+    found = interruptions(job)
+    lines.append(f"interruptions: {len(found)}")
+    for item in found:
+        down = item["down_minutes"]
+        lines.append(
+            f"  attempt {item['attempt']} ({item['instance_id']}) {item['reason']} at "
+            f"{_time(item['ended_at'])}; "
+            + (f"down {down:.1f} min" if down is not None else "not resumed yet")
+        )
+    return "\n".join(lines)
+
+
+def render_events(job: dict[str, Any]) -> str:
+    return "\n".join(
+        f"{_time(e['at'])}  {e['kind']:<24} "
+        + (f"#{e['attempt']} " if e["attempt"] is not None else "")
+        + e["detail"]
+        for e in job["events"]
+    )
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def load_spec(path: Path) -> Any:
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        return yaml.safe_load(text)
+    return json.loads(text)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    job = call(api_url(args), "POST", "/jobs", load_spec(Path(args.spec)))
+    if args.json:
+        print(json.dumps(job, indent=2))
+    else:
+        print(f"{job['job_id']} {job['state']}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    query = f"?state={urllib.parse.quote(args.state)}" if args.state else ""
+    answer = call(api_url(args), "GET", "/jobs" + query)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+        return 0
+    print(f"{'JOB':<20} {'NAME':<20} {'STATE':<13} {'ATTEMPTS':>8} {'COST':>10}  CREATED")
+    for job in answer["jobs"]:
+        print(
+            f"{job['job_id']:<20} {job['name']:<20} {job['state']:<13} {job['attempts']:>8} "
+            f"${job['cost_usd']:>9.4f}  {_time(job['created_at'])}"
+        )
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job = call(api_url(args), "GET", f"/jobs/{urllib.parse.quote(args.job_id)}")
+    print(json.dumps(job, indent=2) if args.json else render_status(job))
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    query = "?delete_volume=true" if args.delete_volume else ""
+    job = call(api_url(args), "DELETE", f"/jobs/{urllib.parse.quote(args.job_id)}{query}")
+    print(f"{job['job_id']} {job['state']}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    job = call(api_url(args), "GET", f"/jobs/{urllib.parse.quote(args.job_id)}")
+    print(render_events(job))
+    state = sandbox_state()
+    if (
+        state is None
+        or args.api_url
+        or os.environ.get("SPOTCTL_API_URL")
+        not in (
+            None,
+            state["api_url"],
+        )
+    ):
+        return 0
+    root = Path(state["root"]) / "instances"
+    for attempt in job["attempts"]:
+        if not attempt["instance_id"]:
+            continue
+        for name in ("agent.log", "workload.log"):
+            path = root / attempt["instance_id"] / "log" / name
+            if path.exists():
+                print(f"\n== attempt {attempt['number']} {attempt['instance_id']} {name} ==")
+                print(path.read_text().rstrip())
+    return 0
+
+
+# -- the sandbox in the background -------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def cmd_sandbox_up(args: argparse.Namespace) -> int:
+    state = sandbox_state()
+    if state is not None and _alive(int(state["pid"])):
+        print(f"sandbox already running: {state['api_url']} (pid {state['pid']})")
+        return 0
+    SANDBOX_DIR.mkdir(exist_ok=True)
+    STATE_FILE.unlink(missing_ok=True)
+    argv = [
+        sys.executable,
+        "-m",
+        "spotctl.sandbox.sandbox",
+        "--root",
+        str(SANDBOX_DIR.resolve()),
+        "--state",
+        str(STATE_FILE.resolve()),
+        "--speed",
+        str(args.speed),
+        "--trace-offset-hours",
+        str(args.trace_offset_hours),
+    ]
+    for trace in args.trace:
+        argv += ["--trace", str(Path(trace).resolve())]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env.pop("SPOTCTL_API_URL", None)  # the sandbox sets its own
+    with (SANDBOX_DIR / "sandbox.log").open("ab") as log:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,  # outlives this command and its terminal
+        )
+    deadline = time.monotonic() + UP_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        state = sandbox_state()
+        if state is not None:
+            print(f"sandbox up: API {state['api_url']} (pid {state['pid']})")
+            print(f"  AWS endpoint {state['endpoint_url']}, clock x{state['speed']:g}")
+            return 0
+        if process.poll() is not None:
+            raise CliError(f"the sandbox exited ({process.returncode}); see .sandbox/sandbox.log")
+        time.sleep(0.2)
+    process.terminate()
+    raise CliError("the sandbox did not come up in time; see .sandbox/sandbox.log")
+
+
+def cmd_sandbox_down(args: argparse.Namespace) -> int:
+    state = sandbox_state()
+    if state is None:
+        print("no sandbox running here")
+        if SANDBOX_DIR.exists() and not args.keep:
+            shutil.rmtree(SANDBOX_DIR)
+        return 0
+    pid = int(state["pid"])
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + DOWN_TIMEOUT_SECONDS
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            raise CliError(f"the sandbox (pid {pid}) did not stop in time; killed it")
+    if not args.keep:
+        shutil.rmtree(SANDBOX_DIR, ignore_errors=True)
+    print("sandbox down")
+    return 0
+
+
+def cmd_sandbox_status(args: argparse.Namespace) -> int:
+    state = sandbox_state()
+    if state is None or not _alive(int(state["pid"])):
+        print("no sandbox running here")
+        return 1
+    print(json.dumps(state, indent=2))
+    return 0
+
+
+# -- wiring ----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spotctl",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--api-url", help="spotctl API base URL [$SPOTCTL_API_URL, sandbox]")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true", help="print the whole job")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="list jobs")
+    p.add_argument("--state", help="only jobs in this state (RUNNING, SUCCEEDED, ...)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("status", help="a job's attempts, interruptions, cost and saving")
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a job")
+    p.add_argument("job_id")
+    p.add_argument(
+        "--delete-volume", action="store_true", help="delete its volume (if synced to S3)"
+    )
+    p.set_defaults(func=cmd_cancel)
+
+    p = sub.add_parser("logs", help="a job's events; in the sandbox also its agent logs")
+    p.add_argument("job_id")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("sandbox", help="the local sandbox (no AWS account needed)")
+    sandbox = p.add_subparsers(dest="sandbox_command", required=True)
+    up = sandbox.add_parser("up", help="start it in the background (state in .sandbox/)")
+    up.add_argument("--speed", type=float, default=60.0, help="sandbox seconds per real second")
+    up.add_argument("--trace", action="append", default=[], help="availability trace file")
+    up.add_argument("--trace-offset-hours", type=float, default=0.0)
+    up.set_defaults(func=cmd_sandbox_up)
+    down = sandbox.add_parser("down", help="stop it and remove .sandbox/")
+    down.add_argument("--keep", action="store_true", help="keep .sandbox/ (volumes, logs)")
+    down.set_defaults(func=cmd_sandbox_down)
+    status = sandbox.add_parser("status", help="show the running sandbox")
+    status.set_defaults(func=cmd_sandbox_status)
+
+    if str(REPO_ROOT) not in sys.path and (REPO_ROOT / "chalicelib").is_dir():
+        sys.path.append(str(REPO_ROOT))  # simulate runs the Lambda's own policy code
+    try:
+        from spotctl import bootstrap, simulate  # noqa: PLC0415 - they need chalicelib
+    except ImportError:
+        pass
+    else:
+        simulate.register(sub)
+        bootstrap.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"spotctl: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,483 @@
+"""``spotctl simulate``: replay real spot availability traces against a policy.
+
+Semantics are those of "Can't Be Late" (Wu et al., NSDI '24), as DESIGN.md fixes them:
+
+- a trace is ``{"metadata": {"gap_seconds": G}, "data": [...]}``; tick ``i`` covers
+  ``[i·G, (i+1)·G)``; ``data[i] == 1`` means spot is NOT available in that tick;
+- each tick the policy picks NONE, SPOT (only where available) or ON_DEMAND; a spot
+  instance in a tick whose trace says 1 is preempted at the tick's start;
+- every start of a new instance (after a switch or a preemption) pays the restart
+  overhead: billed time without progress; a start in another AZ than the data volume
+  also pays the migration overhead, and the volume moves there;
+- cost is billed per second at the spot or on-demand price, until the work is done;
+- a run is judged by cost / cost of on-demand alone (job hours x on-demand price,
+  no restart) and by whether the job finished by the deadline. A run that misses it
+  is charged the rest of the work on on-demand (one restart included).
+
+A run starting at tick ``s`` reads tick ``(s + i) mod len(trace)``: traces shorter
+than the start offset plus the deadline wrap around to their beginning.
+
+Several trace files (``--trace`` repeated) are several AZs of one region, aligned by
+tick index. The baselines see only the first one; ``spotctl`` sees them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from chalicelib import policy
+from spotctl.baselines import Greedy, OnDemandOnly, UniformProgress
+from spotctl.simulation_types import Kind, Policy, TickState
+
+EPOCH0 = 1_700_000_000.0  # simulated wall clock at the job's start (any value works)
+INSTANCE_TYPE = "p3.2xlarge"
+_EPS = 1e-9
+
+
+@dataclass(frozen=True, slots=True)
+class Trace:
+    """Spot availability of one pool, one flag per tick (True = unavailable)."""
+
+    name: str
+    az: str
+    gap_seconds: float
+    unavailable: tuple[bool, ...]
+
+    @classmethod
+    def load(cls, path: Path) -> Trace:
+        raw = json.loads(path.read_text())
+        data = tuple(bool(v) for v in raw["data"])
+        if not data:
+            raise ValueError(f"{path}: empty trace")
+        return cls(
+            name=path.stem,
+            az=path.stem.split("_", 1)[0],
+            gap_seconds=float(raw["metadata"]["gap_seconds"]),
+            unavailable=data,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    """The job and prices of one scenario (the paper's defaults)."""
+
+    job_hours: float = 48.0
+    deadline_hours: float = 52.0
+    restart_overhead_hours: float = 0.2
+    migration_overhead_hours: float = 0.25
+    spot_price: float = 0.97
+    on_demand_price: float = 3.06
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """One run from one start offset."""
+
+    start_tick: int
+    cost: float
+    normalized_cost: float
+    met_deadline: bool
+    finish_hours: float
+    interruptions: int
+    on_demand_hours: float
+    spot_hours: float
+    migrations: int
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """All runs of one policy on one scenario."""
+
+    policy: str
+    traces: tuple[str, ...]
+    job: JobSpec
+    mean_cost: float
+    worst_cost: float
+    deadline_misses: int
+    mean_interruptions: float
+    mean_on_demand_hours: float
+    runs: tuple[RunResult, ...]
+
+
+def on_demand_only_cost(job: JobSpec) -> float:
+    """What the job costs on one on-demand instance: the work plus one restart."""
+    return (job.job_hours + job.restart_overhead_hours) * job.on_demand_price
+
+
+def start_ticks(trace_len: int, starts: int) -> list[int]:
+    """``starts`` start offsets spread evenly over a trace."""
+    return [(k * trace_len) // starts for k in range(max(1, starts))]
+
+
+def simulate_run(
+    traces: Sequence[Trace],
+    job: JobSpec,
+    chooser: Policy,
+    start: int,
+    timeline: list[tuple[Kind, int]] | None = None,
+) -> RunResult:
+    """Run one job from tick ``start`` to completion (or the deadline) and bill it."""
+    gap = traces[0].gap_seconds / 3600.0
+    n = len(traces[0].unavailable)
+    d = job.restart_overhead_hours
+    m = job.migration_overhead_hours
+    flags = [t.unavailable for t in traces]
+    chooser.reset(start)
+    done = 0.0
+    cost = 0.0
+    od_hours = 0.0
+    spot_hours = 0.0
+    kind = Kind.NONE
+    az = 0
+    volume_az: int | None = None
+    pending = 0.0
+    run_started = 0.0
+    run_startup = 0.0
+    interruptions = 0
+    migrations = 0
+    finish = -1.0
+    tick = 0
+    t = 0.0
+    while t < job.deadline_hours - _EPS:
+        idx = (start + tick) % n
+        available = tuple(not f[idx] for f in flags)
+        if kind is Kind.SPOT and not available[az]:
+            interruptions += 1
+            kind = Kind.NONE
+            pending = 0.0
+        state = TickState(
+            tick=tick,
+            elapsed_hours=t,
+            gap_hours=gap,
+            job_hours=job.job_hours,
+            remaining_hours=job.job_hours - done,
+            deadline_hours=job.deadline_hours,
+            restart_overhead_hours=d,
+            migration_overhead_hours=m,
+            pending_overhead_hours=pending,
+            kind=kind,
+            az=az,
+            volume_az=volume_az,
+            available=available,
+            run_started_hours=run_started,
+            run_startup_hours=run_startup,
+        )
+        new_kind, new_az = chooser.decide(state)
+        if new_kind is Kind.SPOT and not available[new_az]:
+            raise RuntimeError(f"{chooser.name} chose spot where the trace has none")
+        if new_kind is Kind.NONE:
+            kind = Kind.NONE
+            pending = 0.0
+        elif new_kind is not kind or new_az != az:
+            pending = d
+            if volume_az is not None and new_az != volume_az:
+                pending += m
+                migrations += 1
+            kind, az, volume_az = new_kind, new_az, new_az
+            run_started, run_startup = t, pending
+        if timeline is not None:
+            timeline.append((kind, az))
+        if kind is not Kind.NONE:
+            price = job.spot_price if kind is Kind.SPOT else job.on_demand_price
+            step = min(gap, job.deadline_hours - t)
+            overhead = min(pending, step)
+            pending -= overhead
+            productive = step - overhead
+            used = step
+            if done + productive >= job.job_hours - _EPS:
+                used = overhead + (job.job_hours - done)
+                done = job.job_hours
+                finish = t + used
+            else:
+                done += productive
+            cost += used * price
+            if kind is Kind.SPOT:
+                spot_hours += used
+            else:
+                od_hours += used
+            if finish >= 0.0:
+                break
+        tick += 1
+        t = tick * gap
+    met = finish >= 0.0
+    if not met:
+        rest = job.job_hours - done + d
+        cost += rest * job.on_demand_price
+        od_hours += rest
+        finish = job.deadline_hours + rest
+    baseline = on_demand_only_cost(job)
+    return RunResult(
+        start_tick=start,
+        cost=cost,
+        normalized_cost=cost / baseline,
+        met_deadline=met,
+        finish_hours=finish,
+        interruptions=interruptions,
+        on_demand_hours=od_hours,
+        spot_hours=spot_hours,
+        migrations=migrations,
+    )
+
+
+class SpotctlPolicy:
+    """Drives :func:`chalicelib.policy.decide_placement`, the Lambda's own code."""
+
+    name = "spotctl"
+
+    def __init__(
+        self,
+        traces: Sequence[Trace],
+        job: JobSpec,
+        tuning: policy.Tuning = policy.DEFAULT_TUNING,
+        history_hours: float = 24.0,
+    ) -> None:
+        self._traces = traces
+        self._job = job
+        self._tuning = tuning
+        self._history_hours = history_hours
+        self._pools = tuple(policy.Pool(INSTANCE_TYPE, t.az) for t in traces)
+        # Prefix sums of available ticks over two laps, for O(1) window shares.
+        self._prefix: list[list[int]] = []
+        for t in traces:
+            acc = [0]
+            for flag in t.unavailable + t.unavailable:
+                acc.append(acc[-1] + (0 if flag else 1))
+            self._prefix.append(acc)
+        self._index = {p: i for i, p in enumerate(self._pools)}
+        self._deadline = EPOCH0 + job.deadline_hours * 3600.0
+        self.reset(0)
+
+    def reset(self, start_tick: int) -> None:
+        self._start_offset = start_tick
+        self._interruptions: list[list[policy.Interruption]] = [[] for _ in self._traces]
+        self._frozen: list[tuple[policy.Interruption, ...]] = [() for _ in self._traces]
+        self._since: list[float | None] = [None for _ in self._traces]
+        self._was_available: list[bool] | None = None
+        self._history_start = EPOCH0
+
+    def _observe(self, state: TickState) -> None:
+        """Record capacity interruptions per pool, as the fleet's history would."""
+        now = EPOCH0 + state.elapsed_hours * 3600.0
+        if self._was_available is None:
+            self._warm_up(state)
+        prev = self._was_available
+        assert prev is not None
+        for i, avail in enumerate(state.available):
+            if prev[i] and not avail:
+                self._interruptions[i].append(
+                    policy.Interruption(now, policy.InterruptionCause.CAPACITY)
+                )
+                self._frozen[i] = tuple(self._interruptions[i])
+            if avail != prev[i]:
+                self._since[i] = now
+        self._was_available = list(state.available)
+
+    def _warm_up(self, state: TickState) -> None:
+        """Give the policy the history recorded before this job started."""
+        gap = state.gap_hours
+        ticks = int(self._history_hours / gap)
+        start = self._start_offset
+        was: list[bool] = []
+        for i, trace in enumerate(self._traces):
+            n = len(trace.unavailable)
+            prev_avail = not trace.unavailable[(start - ticks - 1) % n]
+            for k in range(-ticks, 0):
+                avail = not trace.unavailable[(start + k) % n]
+                at = EPOCH0 + k * gap * 3600.0
+                if prev_avail and not avail:
+                    self._interruptions[i].append(
+                        policy.Interruption(at, policy.InterruptionCause.CAPACITY)
+                    )
+                if avail != prev_avail:
+                    self._since[i] = at
+                prev_avail = avail
+            was.append(prev_avail)
+            self._frozen[i] = tuple(self._interruptions[i])
+        self._was_available = was
+        self._history_start = EPOCH0 - ticks * gap * 3600.0
+
+    def _recent_share(self, i: int, state: TickState) -> float:
+        n = len(self._traces[i].unavailable)
+        ticks = min(n, int(self._tuning.history_window_hours / state.gap_hours))
+        end = (self._start_offset + state.tick) % n + n
+        acc = self._prefix[i]
+        return (acc[end] - acc[end - ticks]) / ticks
+
+    def view(self, state: TickState) -> policy.PlacementView:
+        self._observe(state)
+        quotes = tuple(
+            policy.PoolQuote(
+                pool=pool,
+                on_demand_price=self._job.on_demand_price,
+                spot_price=self._job.spot_price if state.available[i] else None,
+                interruptions=self._frozen[i],
+                spot_available=state.available[i],
+                capacity_changed_at=self._since[i],
+                recent_availability=self._recent_share(i, state),
+            )
+            for i, pool in enumerate(self._pools)
+        )
+        current = None
+        if state.kind is not Kind.NONE:
+            current = policy.CurrentRun(
+                pool=self._pools[state.az],
+                market=policy.Market.SPOT if state.kind is Kind.SPOT else policy.Market.ON_DEMAND,
+                started_at=EPOCH0 + state.run_started_hours * 3600.0,
+                startup_hours=state.run_startup_hours,
+                max_price=self._job.on_demand_price if state.kind is Kind.SPOT else None,
+            )
+        return policy.PlacementView(
+            work_done_hours=state.job_hours - state.remaining_hours,
+            total_work_hours=state.job_hours,
+            deadline=self._deadline,
+            restart_overhead_hours=state.restart_overhead_hours,
+            migration_overhead_hours=state.migration_overhead_hours,
+            price_cap=None,
+            current=current,
+            volume_az=None if state.volume_az is None else self._pools[state.volume_az].az,
+            pools=quotes,
+            recheck_hours=state.gap_hours,
+            history_since=self._history_start,
+            job_started_at=EPOCH0,
+        )
+
+    def decide(self, state: TickState) -> tuple[Kind, int]:
+        now = EPOCH0 + state.elapsed_hours * 3600.0
+        placement = policy.decide_placement(self.view(state), now, self._tuning)
+        if isinstance(placement, policy.Spot):
+            return Kind.SPOT, self._index[placement.pool]
+        if isinstance(placement, policy.OnDemand):
+            return Kind.ON_DEMAND, self._index[placement.pool]
+        return Kind.NONE, state.az if state.volume_az is None else state.volume_az
+
+
+POLICY_NAMES = ("spotctl", "uniform-progress", "greedy", "on-demand")
+
+
+def make_policy(name: str, traces: Sequence[Trace], job: JobSpec) -> Policy:
+    """A fresh policy by its CLI name."""
+    if name == "spotctl":
+        return SpotctlPolicy(traces, job)
+    if name == "uniform-progress":
+        return UniformProgress()
+    if name == "greedy":
+        return Greedy()
+    if name == "on-demand":
+        return OnDemandOnly()
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
+
+
+def simulate(
+    traces: Sequence[Trace],
+    job: JobSpec,
+    policy_name: str,
+    starts: int,
+    factory: Callable[[str, Sequence[Trace], JobSpec], Policy] = make_policy,
+) -> Summary:
+    """Run a policy from ``starts`` evenly spread offsets and summarize."""
+    lengths = {len(t.unavailable) for t in traces}
+    gaps = {t.gap_seconds for t in traces}
+    if len(lengths) != 1 or len(gaps) != 1:
+        raise ValueError("traces of one region must have the same length and gap")
+    used = traces if policy_name == "spotctl" else traces[:1]
+    chooser = factory(policy_name, used, job)
+    runs = []
+    for start in start_ticks(len(traces[0].unavailable), starts):
+        runs.append(simulate_run(used, job, chooser, start))
+    costs = [r.normalized_cost for r in runs]
+    return Summary(
+        policy=policy_name,
+        traces=tuple(t.name for t in used),
+        job=job,
+        mean_cost=statistics.fmean(costs),
+        worst_cost=max(costs),
+        deadline_misses=sum(1 for r in runs if not r.met_deadline),
+        mean_interruptions=statistics.fmean(r.interruptions for r in runs),
+        mean_on_demand_hours=statistics.fmean(r.on_demand_hours for r in runs),
+        runs=tuple(runs),
+    )
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add ``spotctl simulate`` to the CLI."""
+    p = subparsers.add_parser(
+        "simulate",
+        help="replay spot availability traces against a placement policy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--trace",
+        action="append",
+        required=True,
+        type=Path,
+        help="trace JSON file; repeat for several AZs of one region",
+    )
+    p.add_argument("--policy", choices=POLICY_NAMES, default="spotctl")
+    p.add_argument("--job-hours", type=float, default=48.0)
+    p.add_argument("--deadline-hours", type=float, default=52.0)
+    p.add_argument("--restart-overhead-hours", type=float, default=0.2)
+    p.add_argument("--migration-overhead-hours", type=float, default=0.25)
+    p.add_argument("--spot-price", type=float, default=0.97)
+    p.add_argument("--on-demand-price", type=float, default=3.06)
+    p.add_argument("--starts", type=int, default=64, help="start offsets spread over the trace")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Entry point of ``spotctl simulate``; returns the process exit code."""
+    traces = [Trace.load(path) for path in args.trace]
+    job = JobSpec(
+        job_hours=args.job_hours,
+        deadline_hours=args.deadline_hours,
+        restart_overhead_hours=args.restart_overhead_hours,
+        migration_overhead_hours=args.migration_overhead_hours,
+        spot_price=args.spot_price,
+        on_demand_price=args.on_demand_price,
+    )
+    if job.deadline_hours < job.job_hours:
+        print("the deadline is shorter than the job: no policy can meet it")
+        return 2
+    summary = simulate(traces, job, args.policy, args.starts)
+    if args.json:
+        print(json.dumps(asdict(summary), indent=2))
+        return 0
+    print(
+        f"policy {summary.policy} on {', '.join(summary.traces)}: "
+        f"job {job.job_hours:g} h, deadline {job.deadline_hours:g} h, "
+        f"restart {job.restart_overhead_hours:g} h, migration {job.migration_overhead_hours:g} h"
+    )
+    print(
+        f"cost / on-demand: mean {summary.mean_cost:.3f}, worst {summary.worst_cost:.3f}; "
+        f"deadline misses {summary.deadline_misses}/{len(summary.runs)}; "
+        f"interruptions {summary.mean_interruptions:.1f}/run; "
+        f"on-demand {summary.mean_on_demand_hours:.1f} h/run"
+    )
+    print("start_tick  cost  met  finish_h  interruptions  od_h  spot_h  migrations")
+    for r in summary.runs:
+        print(
+            f"{r.start_tick:10d} {r.normalized_cost:5.3f} {'yes' if r.met_deadline else 'NO':>4} "
+            f"{r.finish_hours:9.2f} {r.interruptions:14d} {r.on_demand_hours:5.1f} "
+            f"{r.spot_hours:7.1f} {r.migrations:11d}"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``simulate`` standalone (``python -m spotctl.simulate``)."""
+    parser = argparse.ArgumentParser(prog="spotctl")
+    sub = parser.add_subparsers(required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,225 @@
+"""The CloudFormation template that `chalice package --merge-template` produces holds
+everything the control plane needs, wired as the code expects.
+
+`make deploy-check` packages both stages and passes the output directory in
+SPOTCTL_DEPLOY_OUT (with the SAM expansion made by infra/sam_to_cfn.py); run alone,
+these tests package the dev stage themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from chalicelib import events
+from chalicelib.store import table_definition
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """Reads CloudFormation's short-form tags (!Ref, !Sub, ...) as {"Fn::X": value}."""
+
+
+def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        assert isinstance(node, yaml.MappingNode)
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+
+_CfnLoader.add_multi_constructor("!", _tag)
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    given = os.environ.get("SPOTCTL_DEPLOY_OUT")
+    if given:
+        yield Path(given) / "dev"
+        return
+    out = tmp_path_factory.mktemp("package") / "dev"
+    env = {
+        **os.environ,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "offline",
+        "AWS_SECRET_ACCESS_KEY": "offline",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+    }
+    chalice = Path(sys.executable).parent / "chalice"
+    subprocess.run(
+        [str(chalice), "package", "--stage", "dev", "--template-format", "yaml",
+         "--merge-template", "infra/resources.yaml", str(out)],
+        cwd=ROOT, env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    yield out
+
+
+@pytest.fixture(scope="module")
+def template(packaged: Path) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.load((packaged / "sam.yaml").read_text(), _CfnLoader)  # noqa: S506 - SafeLoader subclass
+    return loaded
+
+
+def resources_of(template: dict[str, Any], kind: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in template["Resources"].items() if v["Type"] == kind}
+
+
+HANDLERS = {
+    "OnInterruptionWarning": events.INTERRUPTION_WARNING_PATTERN,
+    "OnRebalanceRecommendation": events.REBALANCE_PATTERN,
+    "OnInstanceStateChange": events.STATE_CHANGE_PATTERN,
+}
+DLQ_ARN = {"Fn::GetAtt": ["EventsDeadLetterQueue", "Arn"]}
+
+
+def test_each_ec2_rule_carries_the_exact_pattern_its_handler_registers(template) -> None:
+    for function, pattern in HANDLERS.items():
+        (event,) = template["Resources"][function]["Properties"]["Events"].values()
+        assert event["Type"] == "CloudWatchEvent"
+        assert event["Properties"]["Pattern"] == pattern
+
+
+def test_the_sweep_runs_every_minute(template) -> None:
+    (event,) = template["Resources"]["Sweep"]["Properties"]["Events"].values()
+    assert event == {
+        "Type": "Schedule",
+        "Properties": {
+            "Schedule": "rate(1 minute)",
+            "DeadLetterConfig": {"Arn": DLQ_ARN},
+            "RetryPolicy": {"MaximumEventAgeInSeconds": 60, "MaximumRetryAttempts": 2},
+        },
+    }
+
+
+def test_failed_deliveries_and_failed_async_runs_go_to_the_dead_letter_queue(template) -> None:
+    (queue,) = resources_of(template, "AWS::SQS::Queue").values()
+    assert queue["Properties"]["QueueName"] == {"Fn::Sub": "spotctl-${Stage}-events-dlq"}
+    assert queue["Properties"]["SqsManagedSseEnabled"] is True
+    for function in [*HANDLERS, "Sweep"]:
+        properties = template["Resources"][function]["Properties"]
+        assert properties["DeadLetterQueue"] == {"Type": "SQS", "TargetArn": DLQ_ARN}
+        (event,) = properties["Events"].values()
+        assert event["Properties"]["DeadLetterConfig"] == {"Arn": DLQ_ARN}
+    (policy,) = resources_of(template, "AWS::SQS::QueuePolicy").values()
+    (statement,) = policy["Properties"]["PolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"Service": "events.amazonaws.com"}
+
+
+def test_the_table_matches_what_the_store_queries(template) -> None:
+    (table,) = resources_of(template, "AWS::DynamoDB::Table").values()
+    properties = table["Properties"]
+    expected = table_definition("x")
+    assert properties["TableName"] == {"Fn::Sub": "spotctl-${Stage}-jobs"}
+    assert properties["BillingMode"] == "PAY_PER_REQUEST"
+    assert properties["PointInTimeRecoverySpecification"] == {"PointInTimeRecoveryEnabled": True}
+    assert properties["KeySchema"] == expected["KeySchema"]
+    assert properties["GlobalSecondaryIndexes"] == expected["GlobalSecondaryIndexes"]
+    assert sorted(properties["AttributeDefinitions"], key=str) == sorted(
+        expected["AttributeDefinitions"], key=str
+    )
+    assert table["DeletionPolicy"] == "Retain"
+
+
+def test_the_bucket_is_encrypted_private_and_kept(template) -> None:
+    (bucket,) = resources_of(template, "AWS::S3::Bucket").values()
+    properties = bucket["Properties"]
+    assert properties["PublicAccessBlockConfiguration"] == {
+        "BlockPublicAcls": True,
+        "BlockPublicPolicy": True,
+        "IgnorePublicAcls": True,
+        "RestrictPublicBuckets": True,
+    }
+    rule = properties["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
+    assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms")
+    assert bucket["DeletionPolicy"] == "Retain"
+    for function in [*HANDLERS, "Sweep", "APIHandler"]:
+        variables = template["Resources"][function]["Properties"]["Environment"]["Variables"]
+        assert variables["SPOTCTL_BUCKET"] == {"Ref": "ResultsBucket"}
+
+
+def test_the_instance_role_reaches_only_the_job_prefixes_of_the_bucket(template) -> None:
+    role = template["Resources"]["InstanceRole"]["Properties"]
+    (policy,) = role["Policies"]
+    actions = {
+        (s["Sid"], a)
+        for s in policy["PolicyDocument"]["Statement"]
+        for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
+    }
+    assert actions == {
+        ("ListJobPrefixes", "s3:ListBucket"),
+        ("ReadWriteJobFiles", "s3:GetObject"),
+        ("ReadWriteJobFiles", "s3:PutObject"),
+    }
+    profile = template["Resources"]["InstanceProfile"]["Properties"]
+    assert profile["InstanceProfileName"] == {"Fn::Sub": "spotctl-${Stage}-instance"}
+    assert role["RoleName"] == profile["InstanceProfileName"]
+
+
+def test_tracing_is_on_for_the_functions_and_the_api(template) -> None:
+    for function in resources_of(template, "AWS::Serverless::Function").values():
+        assert function["Properties"]["Tracing"] == "Active"
+    assert template["Resources"]["RestAPI"]["Properties"]["TracingEnabled"] is True
+
+
+def test_every_function_role_carries_the_stage_policy(template) -> None:
+    policy = json.loads((ROOT / ".chalice" / "policy-dev.json").read_text())
+    for name, role in resources_of(template, "AWS::IAM::Role").items():
+        if name == "InstanceRole":
+            continue
+        (inline,) = role["Properties"]["Policies"]
+        assert inline["PolicyDocument"] == policy, name
+
+
+def test_the_lambda_zip_holds_the_instance_files_as_real_files(packaged: Path) -> None:
+    with zipfile.ZipFile(packaged / "deployment.zip") as bundle:
+        names = set(bundle.namelist())
+        for name in ("agent.py", "bootstrap.sh", "cloud-init.sh"):
+            path = f"chalicelib/user_data/{name}"
+            assert path in names
+            assert bundle.read(path) == (ROOT / "user_data" / name).read_bytes()
+
+
+def test_the_expansion_has_one_rule_per_ec2_pattern_and_the_schedule(packaged: Path) -> None:
+    expanded = packaged / "cfn.json"
+    if not expanded.exists():
+        pytest.skip("the SAM expansion is made by `make deploy-check` (IaC venv)")
+    rules = resources_of(json.loads(expanded.read_text()), "AWS::Events::Rule")
+    patterns = [r["Properties"].get("EventPattern") for r in rules.values()]
+    assert sorted(json.dumps(p, sort_keys=True) for p in patterns if p) == sorted(
+        json.dumps(p, sort_keys=True) for p in HANDLERS.values()
+    )
+    schedules = [r["Properties"].get("ScheduleExpression") for r in rules.values()]
+    schedules = [s for s in schedules if s]
+    assert schedules == ["rate(1 minute)"]
+    for rule in rules.values():
+        (target,) = rule["Properties"]["Targets"]
+        assert target["DeadLetterConfig"] == {"Arn": DLQ_ARN}
+
+
+def test_the_functions_that_launch_know_where_agents_report(template) -> None:
+    url = {"Fn::Sub": "https://${RestAPI}.execute-api.${AWS::Region}.${AWS::URLSuffix}/api"}
+    for function in [*HANDLERS, "Sweep"]:
+        variables = template["Resources"][function]["Properties"]["Environment"]["Variables"]
+        assert variables["SPOTCTL_API_URL"] == url
+
+
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_deployed_stages_trace_with_xray(stage: str) -> None:
+    config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    assert config["stages"][stage]["xray"] is True

@@ -1,0 +1,106 @@
+"""The mission through the sandbox: HTTP API, real user data and agent, a trace-driven
+spot interruption, EventBridge delivering duplicated and reordered events, and the job
+ending SUCCEEDED with the weights of an uninterrupted run; nothing left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from spotctl.cli import call, interruptions
+from spotctl.sandbox.sandbox import EXAMPLE_TRAINER, Sandbox
+from tests.sandbox.conftest import write_trace
+
+TRAIN_ARGS = ["--steps=200", "--checkpoint-every=20"]
+SPEED = 60.0  # a ten-minute trace tick lasts ten real seconds
+
+
+def reference_weights(tmp_path: Path) -> str:
+    directory = tmp_path / "reference"
+    subprocess.run(
+        [sys.executable, str(EXAMPLE_TRAINER), *TRAIN_ARGS, f"--checkpoint-dir={directory}"],
+        check=True,
+        capture_output=True,
+    )
+    return str(json.loads((directory / "final.json").read_text())["weights_sha256"])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def wait_for(sandbox: Sandbox, job_id: str, states: tuple[str, ...], seconds: float) -> Any:
+    deadline = time.monotonic() + seconds
+    job = call(sandbox.api_url, "GET", f"/jobs/{job_id}")
+    while job["state"] not in states and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = call(sandbox.api_url, "GET", f"/jobs/{job_id}")
+    return job
+
+
+def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reordered_events(
+    tmp_path: Path,
+) -> None:
+    expected = reference_weights(tmp_path)
+    # Capacity for one tick, none for the next, then back for good.
+    trace = write_trace(tmp_path, "us-west-2a_v100_1.json", 600, [0, 1, 0, 0, 0, 0])
+    sandbox = Sandbox(
+        tmp_path / "sandbox",
+        speed=SPEED,
+        trace_paths=[trace],
+        duplicate_probability=0.5,
+        reorder_window=4,
+        seed=3,
+    )
+    spec = {
+        "name": "e2e",
+        "command": ["spotctl-example-train", *TRAIN_ARGS, "--step-delay=0.06"],
+        "instance_types": ["p3.2xlarge"],
+        "availability_zones": ["us-west-2a"],
+        "volume_gib": 10,
+        "checkpoint": {"grace_seconds": 10},
+    }
+    with sandbox:
+        ports = sandbox.ports()
+        job = call(sandbox.api_url, "POST", "/jobs", spec)
+        job = wait_for(sandbox, job["job_id"], ("SUCCEEDED", "FAILED", "CANCELLED"), 75)
+        final = json.loads(
+            sandbox.client("s3")
+            .get_object(
+                Bucket="spotctl-sandbox", Key=f"jobs/{job['job_id']}/checkpoints/final.json"
+            )["Body"]
+            .read()
+        )
+        ec2 = sandbox.client("ec2")
+        states = [
+            i["State"]["Name"]
+            for r in ec2.describe_instances()["Reservations"]
+            for i in r["Instances"]
+        ]
+        delivered_twice = len(sandbox.bus.delivered) - len(
+            {(name, event["id"]) for name, event in sandbox.bus.delivered}
+        )
+    assert job["state"] == "SUCCEEDED", json.dumps(job["events"], indent=1)
+    assert job["exit_code"] == 0
+    assert len(interruptions(job)) >= 1, "the trace took the first instance away"
+    assert final["weights_sha256"] == expected
+    assert delivered_twice > 0, "the bus duplicated some events"
+    assert set(states) <= {"terminated", "shutting-down"}, states
+    assert sandbox.emulator.live_processes() == []
+    assert not any(port_open(port) for port in ports)
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_aws_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.delenv("SPOTCTL_API_URL", raising=False)

@@ -1,0 +1,277 @@
+"""decide_placement, one row per situation."""
+
+from dataclasses import dataclass, replace
+
+import pytest
+
+from chalicelib.policy import (
+    DEFAULT_TUNING,
+    CurrentRun,
+    Interruption,
+    InterruptionCause,
+    Market,
+    OnDemand,
+    PlacementView,
+    Pool,
+    PoolQuote,
+    Spot,
+    Wait,
+    decide_placement,
+    interruption_rate,
+    max_price_for,
+    migration_overhead_hours,
+)
+
+NOW = 1_000_000_000.0
+H = 3600.0
+A = Pool("p3.2xlarge", "us-east-1a")
+B = Pool("p3.2xlarge", "us-east-1b")
+OD_PRICE = 3.06
+
+
+def quote(pool: Pool = A, spot: float | None = 0.97, **kw) -> PoolQuote:
+    return PoolQuote(pool, OD_PRICE, spot, spot_available=spot is not None, **kw)
+
+
+def view(
+    *,
+    done: float = 0.0,
+    work: float | None = 48.0,
+    left: float | None = 52.0,
+    window: float = 52.0,
+    overhead: float = 0.2,
+    pools: tuple[PoolQuote, ...] = (quote(),),
+    current: CurrentRun | None = None,
+    volume_az: str | None = "us-east-1a",
+    cap: float | None = None,
+) -> PlacementView:
+    """A job with ``left`` hours to its deadline, opened ``window`` hours before it."""
+    deadline = None if left is None else NOW + left * H
+    return PlacementView(
+        work_done_hours=done,
+        total_work_hours=work,
+        deadline=deadline,
+        restart_overhead_hours=overhead,
+        migration_overhead_hours=0.25,
+        price_cap=cap,
+        current=current,
+        volume_az=volume_az,
+        pools=pools,
+        recheck_hours=1 / 6,
+        history_since=NOW - 24 * H,
+        job_started_at=None if deadline is None else deadline - window * H,
+    )
+
+
+def on(pool: Pool, market: Market, hours_ago: float = 1.0) -> CurrentRun:
+    return CurrentRun(pool, market, NOW - hours_ago * H, 0.2)
+
+
+@dataclass(frozen=True)
+class Row:
+    situation: str
+    view: PlacementView
+    expected: type
+    pool: Pool | None = None
+
+
+ROWS = [
+    Row("fresh job, spot available: spot", view(volume_az=None), Spot, A),
+    Row(
+        "no spot, ahead of schedule: wait",
+        view(done=10.0, left=47.0, pools=(quote(spot=None),)),
+        Wait,
+    ),
+    Row(
+        "fresh job, no spot, no slack to spare yet: on-demand",
+        view(pools=(quote(spot=None),)),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "no spot and behind schedule: on-demand",
+        view(done=10.0, left=40.0, pools=(quote(spot=None),)),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "no spot and no slack left: on-demand",
+        view(done=0.0, left=48.3, pools=(quote(spot=None),)),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "spot available but a failed start could not fall back in time: on-demand",
+        view(left=48.3),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "running spot with capacity: keep it, whatever the slack",
+        view(left=48.05, current=on(A, Market.SPOT)),
+        Spot,
+        A,
+    ),
+    Row(
+        "on-demand, spot back long enough, ahead of schedule: back to spot",
+        view(
+            done=30.0,
+            left=30.0,
+            current=on(A, Market.ON_DEMAND),
+            pools=(quote(capacity_changed_at=NOW - 2 * H),),
+        ),
+        Spot,
+        A,
+    ),
+    Row(
+        "on-demand, spot back but behind schedule: stay on-demand",
+        view(
+            done=10.0,
+            left=40.0,
+            current=on(A, Market.ON_DEMAND),
+            pools=(quote(capacity_changed_at=NOW - 2 * H),),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "on-demand, spot back only this instant: stay on-demand",
+        view(
+            done=30.0,
+            left=30.0,
+            current=on(A, Market.ON_DEMAND),
+            pools=(quote(capacity_changed_at=NOW),),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "spot only in another AZ, home outage just began: wait a move's worth",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(quote(A, None, capacity_changed_at=NOW - 0.1 * H), quote(B)),
+        ),
+        Wait,
+    ),
+    Row(
+        "spot only in another AZ, home outage long: move",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(quote(A, None, capacity_changed_at=NOW - 3 * H), quote(B)),
+        ),
+        Spot,
+        B,
+    ),
+    Row(
+        "two AZs with spot: the one with fewer recorded interruptions",
+        view(
+            volume_az=None,
+            pools=(
+                quote(
+                    A,
+                    interruptions=tuple(
+                        Interruption(NOW - k * H, InterruptionCause.CAPACITY) for k in range(1, 9)
+                    ),
+                ),
+                quote(B),
+            ),
+        ),
+        Spot,
+        B,
+    ),
+    Row(
+        "spot price above the cap: not a spot pool",
+        view(pools=(quote(spot=2.0),), cap=1.5, done=10.0, left=40.0),
+        OnDemand,
+        A,
+    ),
+    Row("no work estimate: cheapest spot", view(work=None), Spot, A),
+    Row(
+        "no work estimate, no spot: on-demand, never an open-ended wait",
+        view(work=None, pools=(quote(spot=None),)),
+        OnDemand,
+        A,
+    ),
+    Row("no deadline: cheapest spot", view(left=None), Spot, A),
+    Row(
+        "deadline already out of reach: on-demand, the best effort",
+        view(left=10.0, pools=(quote(),)),
+        OnDemand,
+        A,
+    ),
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.situation for r in ROWS])
+def test_decide_placement(row: Row) -> None:
+    placement = decide_placement(row.view, NOW)
+    assert isinstance(placement, row.expected), placement
+    if row.pool is not None:
+        assert isinstance(placement, Spot | OnDemand)
+        assert placement.pool == row.pool
+    assert placement.reason
+
+
+def test_a_wait_never_outlasts_the_last_safe_on_demand_start() -> None:
+    v = view(done=10.0, left=47.0, pools=(quote(spot=None),))
+    placement = decide_placement(v, NOW)
+    assert isinstance(placement, Wait)
+    assert v.deadline is not None
+    latest_start = v.deadline - (38.0 + v.restart_overhead_hours) * H
+    assert NOW < placement.until <= latest_start
+
+
+def test_spot_max_price_defaults_to_on_demand_and_rises_after_price_interruptions() -> None:
+    plain = quote()
+    assert max_price_for(plain, None) == OD_PRICE
+    assert max_price_for(plain, 2.0) == 2.0  # a cap below on-demand is the bid
+    outbid = replace(
+        plain,
+        interruptions=(Interruption(NOW - H, InterruptionCause.PRICE, max_price=3.06),),
+    )
+    assert max_price_for(outbid, 4.0) == pytest.approx(3.06 * 1.2)
+    assert max_price_for(outbid, 3.2) == 3.2  # never above the cap
+    capacity_only = replace(
+        plain, interruptions=(Interruption(NOW - H, InterruptionCause.CAPACITY, 3.06),)
+    )
+    assert max_price_for(capacity_only, 4.0) == OD_PRICE  # a higher bid cannot buy capacity
+
+
+def test_chosen_spot_carries_its_max_price_and_fallback_pools() -> None:
+    placement = decide_placement(view(volume_az=None, pools=(quote(A), quote(B))), NOW)
+    assert isinstance(placement, Spot)
+    assert placement.max_price == OD_PRICE
+    assert set(placement.fallbacks) == {A, B} - {placement.pool}
+
+
+def test_on_demand_runs_in_the_volumes_az() -> None:
+    v = view(done=10.0, left=40.0, volume_az="us-east-1b", pools=(quote(A, None), quote(B, None)))
+    placement = decide_placement(v, NOW)
+    assert isinstance(placement, OnDemand)
+    assert placement.pool == B
+    assert placement.fallbacks == (A,)
+
+
+def test_recorded_interruptions_raise_the_expected_rate() -> None:
+    calm = quote()
+    busy = replace(
+        calm,
+        interruptions=tuple(
+            Interruption(NOW - k * H, InterruptionCause.CAPACITY) for k in range(1, 7)
+        ),
+    )
+    since = NOW - 24 * H
+    assert interruption_rate(busy, NOW, since) > interruption_rate(calm, NOW, since)
+    assert interruption_rate(calm, NOW, since) == pytest.approx(
+        DEFAULT_TUNING.prior_interruptions_per_hour
+        * DEFAULT_TUNING.prior_hours
+        / (24 + DEFAULT_TUNING.prior_hours)
+    )
+
+
+def test_migration_time_grows_with_the_volume_and_s3_restore_can_be_faster() -> None:
+    assert migration_overhead_hours(80) == pytest.approx(0.25)
+    assert migration_overhead_hours(800) > migration_overhead_hours(80)
+    assert migration_overhead_hours(800, checkpoint_gib=30) < migration_overhead_hours(800)
