@@ -314,13 +314,11 @@ def _next_attempt(job: Job, observed: Observed, now: float, terminate: list[str]
         return Decision(job, _terminate(terminate), needs_prices=True)
 
     number = len(job.attempts) + 1
-    zone = job.volume.az if job.volume is not None else None
-    plan = placement.plan(job, observed.prices, zone, number)
+    plan = placement.plan(job, observed.prices, now, number)
     first = not any(a.instance_id for a in job.attempts)
     if not plan.candidates:
-        job = job.model_copy(
-            update={"state": JobState.WAITING, "wait_until": now + RETRY_LAUNCH_AFTER_SECONDS}
-        )
+        until = plan.wait_until if plan.wait_until is not None else now + RETRY_LAUNCH_AFTER_SECONDS
+        job = job.model_copy(update={"state": JobState.WAITING, "wait_until": until})
         job = job.with_event(now, "waiting", plan.reason)
         return Decision(job, _terminate(terminate))
 
