@@ -6,6 +6,7 @@ Thin on purpose: each entry point parses its input, calls one thing in
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,30 +17,60 @@ from chalice.app import (
     CloudWatchEvent,
     ConflictError,
     ForbiddenError,
+    IAMAuthorizer,
     NotFoundError,
     Rate,
+    Request,
     Response,
+    UnauthorizedError,
 )
 from pydantic import BaseModel, ValidationError
 
-from chalicelib import events, reconcile, runtime
+from chalicelib import events, openapi, reconcile, runtime
 from chalicelib.errors import (
     InvalidJobSpec,
     InvalidTransition,
     JobNotFound,
+    NotAuthenticated,
     NotAuthorized,
+    RequestTooLarge,
     SpotctlError,
 )
 from chalicelib.log import logger
-from chalicelib.service import job_summary, job_view
+from chalicelib.service import (
+    MAX_HEADER_BYTES,
+    check_bearer,
+    decode_json_body,
+    job_summary,
+    job_view,
+)
 
 app = Chalice(app_name="spotctl")
+
+# Read at import because `chalice package` renders the authorizers into the template;
+# .chalice/config.json sets SPOTCTL_AUTH=iam on the deployed stages.
+_USER_AUTH = IAMAuthorizer() if os.environ.get("SPOTCTL_AUTH", "").lower() == "iam" else None
+
+# Routes anyone may call: the API's description, and the agent's reports (which the
+# job's own secret authorises, in chalicelib.service).
+_OPEN_ROUTES = frozenset({"/openapi.json", "/jobs/{job_id}/reports"})
+
+
+class PayloadTooLargeError(ChaliceViewError):
+    STATUS_CODE = 413
+
+
+class HeadersTooLargeError(ChaliceViewError):
+    STATUS_CODE = 431
+
 
 _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     InvalidJobSpec: BadRequestError,
     JobNotFound: NotFoundError,
+    NotAuthenticated: UnauthorizedError,
     NotAuthorized: ForbiddenError,
     InvalidTransition: ConflictError,
+    RequestTooLarge: PayloadTooLargeError,
 }
 
 T = TypeVar("T")
@@ -61,10 +92,7 @@ def _query() -> dict[str, str]:
 def _json_body() -> Any:
     request = app.current_request
     assert request is not None
-    try:
-        return request.json_body
-    except BadRequestError:
-        raise BadRequestError("body: not valid JSON") from None
+    return decode_json_body(request.raw_body)
 
 
 def _now() -> float:
@@ -74,14 +102,43 @@ def _now() -> float:
 # -- HTTP API ----------------------------------------------------------------------
 
 
-@app.route("/jobs", methods=["POST"])
+def _error(error: type[ChaliceViewError], message: str) -> Response:
+    """The shape Chalice gives a raised view error, for answers made before the view."""
+    return Response(
+        status_code=error.STATUS_CODE, body={"Code": error.__name__, "Message": message}
+    )
+
+
+@app.middleware("http")
+def authenticate(request: Request, get_response: Callable[[Request], Response]) -> Response:
+    """Every route: bounded headers; user routes: the configured credentials."""
+    header_bytes = sum(len(k) + len(v) for k, v in request.headers.items())
+    if header_bytes > MAX_HEADER_BYTES:
+        return _error(HeadersTooLargeError, f"headers: over {MAX_HEADER_BYTES} bytes in all")
+    if request.path not in _OPEN_ROUTES:
+        config = runtime.control_plane().config
+        if config.auth == "token":
+            try:
+                check_bearer(request.headers.get("authorization"), config.api_token)
+            except NotAuthenticated as exc:
+                return _error(UnauthorizedError, str(exc))
+        # "iam": API Gateway verified the SigV4 signature before the Lambda ran.
+    return get_response(request)
+
+
+@app.route("/openapi.json", methods=["GET"])
+def openapi_document() -> dict[str, Any]:
+    return openapi.document()
+
+
+@app.route("/jobs", methods=["POST"], authorizer=_USER_AUTH)
 def submit_job() -> Response:
     service = runtime.control_plane().service
     job = _api(lambda: service.submit(_json_body()))
     return Response(status_code=201, body=job_view(job, _now()))
 
 
-@app.route("/jobs", methods=["GET"])
+@app.route("/jobs", methods=["GET"], authorizer=_USER_AUTH)
 def list_jobs() -> dict[str, Any]:
     service = runtime.control_plane().service
     jobs, next_token = _api(lambda: service.list(_query()))
@@ -89,13 +146,13 @@ def list_jobs() -> dict[str, Any]:
     return {"jobs": [job_summary(job, now) for job in jobs], "next_token": next_token}
 
 
-@app.route("/jobs/{job_id}", methods=["GET"])
+@app.route("/jobs/{job_id}", methods=["GET"], authorizer=_USER_AUTH)
 def get_job(job_id: str) -> dict[str, Any]:
     service = runtime.control_plane().service
     return job_view(_api(lambda: service.get(job_id)), _now())
 
 
-@app.route("/jobs/{job_id}", methods=["DELETE"])
+@app.route("/jobs/{job_id}", methods=["DELETE"], authorizer=_USER_AUTH)
 def cancel_job(job_id: str) -> dict[str, Any]:
     service = runtime.control_plane().service
     return job_view(_api(lambda: service.cancel(job_id, _query())), _now())

@@ -8,6 +8,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
+
+# Who may call the user routes (POST/GET/DELETE /jobs...):
+# "iam": API Gateway checks SigV4 (deployed stages; the routes carry IAMAuthorizer);
+# "token": a bearer token equal to SPOTCTL_API_TOKEN (the sandbox); an empty token
+#   refuses every call, so a stage that forgot to configure one stays closed;
+# "none": anyone who reaches the endpoint (only the functional tests choose it).
+AuthMode = Literal["iam", "token", "none"]
+AUTH_MODES: tuple[AuthMode, ...] = ("iam", "token", "none")
 
 
 def _split(value: str) -> tuple[str, ...]:
@@ -34,11 +43,17 @@ class Config:
     subnets: dict[str, str] = field(default_factory=dict)  # AZ -> subnet id
     security_groups: tuple[str, ...] = ()
     stage: str = "dev"
+    auth: AuthMode = "token"
+    api_token: str = ""  # the sandbox's bearer token for the user routes (auth "token")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:
         env = dict(os.environ) if env is None else env
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        wanted = env.get("SPOTCTL_AUTH", "token").lower()
+        auth = next((mode for mode in AUTH_MODES if mode == wanted), None)
+        if auth is None:
+            raise ValueError(f"SPOTCTL_AUTH: must be one of {', '.join(AUTH_MODES)}")
         return cls(
             table_name=env.get("SPOTCTL_TABLE", "spotctl-jobs"),
             region=region,
@@ -52,4 +67,6 @@ class Config:
             subnets=_mapping(env.get("SPOTCTL_SUBNETS", "")),
             security_groups=_split(env.get("SPOTCTL_SECURITY_GROUPS", "")),
             stage=env.get("SPOTCTL_STAGE", "dev"),
+            auth=auth,
+            api_token=env.get("SPOTCTL_API_TOKEN", ""),
         )

@@ -127,6 +127,44 @@ class Ec2Gateway:
                     )
         return views
 
+    def launched_for(self, job_id: str, attempt: int) -> dict[str, tuple[str, str]]:
+        """Live instances tagged with this job and attempt: id -> (instance type, AZ).
+
+        Tags are applied by RunInstances itself (TagSpecifications), so an instance a
+        dead Lambda launched is findable even though no record names it.
+        """
+        found: dict[str, tuple[str, str]] = {}
+        paginator = self._client.get_paginator("describe_instances")
+        pages = paginator.paginate(
+            Filters=[
+                {"Name": "tag:spotctl:job-id", "Values": [job_id]},
+                {"Name": "tag:spotctl:attempt", "Values": [str(attempt)]},
+                {"Name": "instance-state-name", "Values": ["pending", "running"]},
+            ]
+        )
+        for page in pages:
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    found[instance["InstanceId"]] = (
+                        instance["InstanceType"],
+                        instance.get("Placement", {}).get("AvailabilityZone", ""),
+                    )
+        return found
+
+    def live_instances_tagged(self, tag_key: str) -> dict[str, datetime]:
+        """Pending or running instances carrying ``tag_key``: id -> launch time."""
+        found: dict[str, datetime] = {}
+        paginator = self._client.get_paginator("describe_instances")
+        filters: Any = [
+            {"Name": "tag-key", "Values": [tag_key]},
+            {"Name": "instance-state-name", "Values": ["pending", "running"]},
+        ]
+        for page in paginator.paginate(Filters=filters):
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    found[instance["InstanceId"]] = instance["LaunchTime"]
+        return found
+
     def describe_volume(self, volume_id: str) -> VolumeView:
         response = self._client.describe_volumes(
             Filters=[{"Name": "volume-id", "Values": [volume_id]}]
@@ -175,12 +213,32 @@ class Ec2Gateway:
         self, candidate: Candidate, settings: LaunchSettings, user_data: str, tags: dict[str, str]
     ) -> str:
         """Start one instance; the candidate's ClientToken makes a retry return it again."""
+        ids = self.run_instances(
+            candidate, settings, user_data, tags, count=1, client_token=candidate.client_token
+        )
+        return ids[0]
+
+    def run_instances(
+        self,
+        candidate: Candidate,
+        settings: LaunchSettings,
+        user_data: str,
+        tags: dict[str, str],
+        *,
+        count: int,
+        client_token: str,
+    ) -> list[str]:
+        """Start up to ``count`` instances in the candidate's pool with one request.
+
+        EC2 starts as many as it has capacity for (at least one, or it refuses); they
+        come back in launch-index order. ``client_token`` makes a retry return them again.
+        """
         kwargs: dict[str, Any] = {
             "ImageId": settings.ami_id,
             "InstanceType": candidate.pool.instance_type,
             "MinCount": 1,
-            "MaxCount": 1,
-            "ClientToken": candidate.client_token,
+            "MaxCount": count,
+            "ClientToken": client_token,
             "UserData": user_data,  # botocore base64-encodes it for RunInstances
             # The agent shuts the instance down when the workload ends: terminate it.
             "InstanceInitiatedShutdownBehavior": "terminate",
@@ -213,7 +271,8 @@ class Ec2Gateway:
             response = self._client.run_instances(**kwargs)
         except ClientError as exc:
             _raise_typed(exc)
-        return response["Instances"][0]["InstanceId"]
+        launched = sorted(response["Instances"], key=lambda i: i.get("AmiLaunchIndex", 0))
+        return [instance["InstanceId"] for instance in launched]
 
     def create_volume(
         self,

@@ -16,6 +16,14 @@ class JobNotFound(SpotctlError):
     """No job has this id."""
 
 
+class NotAuthenticated(SpotctlError):
+    """The call carries no credentials this API accepts for the route."""
+
+
+class RequestTooLarge(SpotctlError):
+    """The request body (or a header) is over the API's size limit."""
+
+
 class NotAuthorized(SpotctlError):
     """The caller's credentials do not allow this call."""
 

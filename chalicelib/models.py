@@ -48,22 +48,38 @@ ENDED_COMPLETED = "completed"  # the workload exited (any code)
 ENDED_CANCELLED = "cancelled"  # the user cancelled the job
 ENDED_LAUNCH_FAILED = "launch-failed"  # no candidate pool would start an instance
 
-# Formats, as AWS defines them.
-_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\.[0-9]*[a-z0-9]+$")
-_AZ = re.compile(r"^[a-z]{2}(-gov)?-[a-z]+-\d[a-z]$")
-_VOLUME_ID = re.compile(r"^vol-[0-9a-f]{8}([0-9a-f]{9})?$")
-_SNAPSHOT_ID = re.compile(r"^snap-[0-9a-f]{8}([0-9a-f]{9})?$")
-_S3_URI = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>.*))?$")
-_IMAGE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}$")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+# Formats, as AWS defines them; matched with ``fullmatch`` (``$`` would let a
+# trailing newline through).
+_INSTANCE_TYPE = re.compile(
+    r"[a-z][a-z0-9]*(-[a-z0-9]+)*\."
+    r"(nano|micro|small|medium|large|[1-9][0-9]{0,2}xlarge|xlarge|metal(-[1-9][0-9]{0,2}xl)?)"
+)
+_AZ = re.compile(r"[a-z]{2}(-gov)?-[a-z]+-\d[a-z]")
+_VOLUME_ID = re.compile(r"vol-[0-9a-f]{8}([0-9a-f]{9})?")
+_SNAPSHOT_ID = re.compile(r"snap-[0-9a-f]{8}([0-9a-f]{9})?")
+_S3_URI = re.compile(r"s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(/(?P<key>.*))?", re.S)
+_IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
+# Bucket names AWS reserves for access points, directory buckets and the like.
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_IMAGE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}")
+JOB_ID = re.compile(r"j-[0-9a-f]{16}")
 
 MAX_COMMAND_BYTES = 4096
+MAX_INSTANCE_TYPES = 20
+MAX_INSTANCE_TYPE_CHARS = 32
+MAX_S3_KEY_BYTES = 1024  # S3's own limit on a key
+
+
+def is_job_id(value: str) -> bool:
+    return JOB_ID.fullmatch(value) is not None
 
 
 class CheckpointSettings(BaseModel):
     """How the agent warns the workload and saves its checkpoints."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     directory: str = Field(default="checkpoints", max_length=200, pattern=r"^[A-Za-z0-9._/-]+$")
     stop_signal: Literal["TERM", "INT", "USR1", "USR2"] = "TERM"
@@ -81,30 +97,27 @@ class CheckpointSettings(BaseModel):
 class JobSpec(BaseModel):
     """What a user submits: ``POST /jobs``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    name: str
-    command: tuple[str, ...] = Field(min_length=1, max_length=256)
-    image: str | None = None
-    instance_types: tuple[str, ...] = Field(min_length=1, max_length=20)
-    availability_zones: tuple[str, ...] | None = Field(default=None, min_length=1, max_length=30)
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    command: tuple[Annotated[str, Field(max_length=MAX_COMMAND_BYTES)], ...] = Field(
+        min_length=1, max_length=256
+    )
+    image: str | None = Field(default=None, max_length=255)
+    instance_types: tuple[Annotated[str, Field(max_length=MAX_INSTANCE_TYPE_CHARS)], ...] = Field(
+        min_length=1, max_length=MAX_INSTANCE_TYPES
+    )
+    availability_zones: tuple[Annotated[str, Field(max_length=32)], ...] | None = Field(
+        default=None, min_length=1, max_length=30
+    )
     volume_gib: int | None = Field(default=None, ge=1, le=16384)
-    volume_id: str | None = None
-    snapshot_id: str | None = None
-    results_s3_uri: str | None = None
+    volume_id: str | None = Field(default=None, max_length=21)
+    snapshot_id: str | None = Field(default=None, max_length=22)
+    results_s3_uri: str | None = Field(default=None, max_length=5 + 63 + 1 + MAX_S3_KEY_BYTES)
     deadline: datetime | None = None
     expected_hours: float | None = Field(default=None, gt=0, le=24 * 90)
     max_price_per_hour: float | None = Field(default=None, gt=0, le=1000)
     checkpoint: CheckpointSettings = CheckpointSettings()
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _NAME.match(value):
-            raise ValueError(
-                "1-63 letters, digits, '.', '_' or '-', starting with a letter or digit"
-            )
-        return value
 
     @field_validator("command")
     @classmethod
@@ -120,7 +133,7 @@ class JobSpec(BaseModel):
     @field_validator("image")
     @classmethod
     def _image(cls, value: str | None) -> str | None:
-        if value is not None and not _IMAGE.match(value):
+        if value is not None and not _IMAGE.fullmatch(value):
             raise ValueError("not a container image reference")
         return value
 
@@ -128,7 +141,7 @@ class JobSpec(BaseModel):
     @classmethod
     def _instance_types(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for item in value:
-            if not _INSTANCE_TYPE.match(item):
+            if not _INSTANCE_TYPE.fullmatch(item):
                 raise ValueError(f"{item!r} is not an EC2 instance type (like 'p3.2xlarge')")
         if len(set(value)) != len(value):
             raise ValueError("lists a type twice")
@@ -138,21 +151,21 @@ class JobSpec(BaseModel):
     @classmethod
     def _zones(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
         for item in value or ():
-            if not _AZ.match(item):
+            if not _AZ.fullmatch(item):
                 raise ValueError(f"{item!r} is not an Availability Zone (like 'us-east-1a')")
         return value
 
     @field_validator("volume_id")
     @classmethod
     def _volume_id(cls, value: str | None) -> str | None:
-        if value is not None and not _VOLUME_ID.match(value):
+        if value is not None and not _VOLUME_ID.fullmatch(value):
             raise ValueError("not an EBS volume id (like 'vol-0123456789abcdef0')")
         return value
 
     @field_validator("snapshot_id")
     @classmethod
     def _snapshot_id(cls, value: str | None) -> str | None:
-        if value is not None and not _SNAPSHOT_ID.match(value):
+        if value is not None and not _SNAPSHOT_ID.fullmatch(value):
             raise ValueError("not an EBS snapshot id (like 'snap-0123456789abcdef0')")
         return value
 
@@ -161,9 +174,14 @@ class JobSpec(BaseModel):
     def _s3_uri(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        match = _S3_URI.match(value)
-        if not match or ".." in match["bucket"] or match["bucket"].startswith("xn--"):
+        match = _S3_URI.fullmatch(value)
+        if not match or not _valid_bucket(match["bucket"]):
             raise ValueError("not an S3 URI (like 's3://my-bucket/runs/resnet')")
+        key = match["key"] or ""
+        if len(key.encode()) > MAX_S3_KEY_BYTES or _CONTROL.search(key):
+            raise ValueError(f"the key is over {MAX_S3_KEY_BYTES} bytes or has control characters")
+        if ".." in key.split("/"):
+            raise ValueError("the key has a '..' segment")
         return value.rstrip("/")
 
     @field_validator("deadline")
@@ -187,6 +205,16 @@ class JobSpec(BaseModel):
                 "set max_price_per_hour"
             )
         return self
+
+
+def _valid_bucket(bucket: str) -> bool:
+    """S3's bucket naming rules (general purpose buckets)."""
+    return not (
+        ".." in bucket
+        or _IP_ADDRESS.fullmatch(bucket)
+        or bucket.startswith(_RESERVED_BUCKET_PREFIXES)
+        or bucket.endswith(_RESERVED_BUCKET_SUFFIXES)
+    )
 
 
 class Pool(BaseModel):

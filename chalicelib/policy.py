@@ -12,17 +12,25 @@ every hour spent waiting spends an hour of it, running spends none. The policy
 - never lets slack fall below what an on-demand instance needs to finish in time, so a
   deadline that on-demand can still meet is never missed (a spot start must leave room
   for one more restart on on-demand; a wait must leave room for one more recheck);
-- keeps a reserve of slack proportional to the time left: the share Uniform Progress
-  keeps (Wu et al., NSDI '24), smaller when the pool's recent availability says spot
-  will carry more of the work, plus a fixed cushion before it waits instead of buying
-  on-demand during an outage;
+- keeps a reserve of slack proportional to the time left, at most the share Uniform
+  Progress keeps (Wu et al., NSDI '24): smaller when the pool's recent availability
+  says spot will carry more of the work, and smaller when the interruptions expected
+  in the time left (estimated online from the pool's recorded history and a prior)
+  will cost few restarts, since restarts and waiting are all slack is spent on; never
+  below a floor of Uniform Progress's share; plus a fixed cushion before it waits
+  instead of buying on-demand during an outage. A reserve sized like this lets the
+  job wait out more outages than Uniform Progress when restarts are cheap, and keeps
+  its caution when they are dear;
 - takes spot whenever a pool has it and the start is safe; rides it until preempted;
-  leaves on-demand for spot as soon as it is back above the reserve and spot has been
-  back for a restart's worth of time (short-lived capacity costs two restarts);
+  leaves on-demand for spot as soon as it is back above the reserve and spot will
+  have lasted two restarts' worth of time by the next check (short-lived capacity
+  costs two restarts for no progress);
 - ranks spot pools by expected cost per hour of progress, counting the restarts that
-  the recorded interruptions predict and the volume move (snapshot + restore) another
-  AZ needs; before paying for a move it waits, ski-rental style, as long as the move
-  would cost for spot to come back where the volume is.
+  the recorded interruptions predict (capacity that has already lasted long is
+  expected to last at least as long again) and the volume move (snapshot + restore)
+  another AZ needs; the first start goes to the pool with the highest recent
+  availability (the job's home); before paying for a move it waits, ski-rental
+  style, as long as the move would cost for spot to come back where the volume is.
 
 Max price follows AWS's advice (no low bids): the on-demand price, or the job's cap if
 lower; after an interruption caused by price it is raised, up to the cap.
@@ -132,16 +140,33 @@ class Tuning:
     reserve_factor: float = 1.0
     # Excess slack (in restarts) needed to leave on-demand for spot.
     leave_on_demand_restarts: float = 0.0
-    # How long (in restarts) spot must have been back before on-demand is left for it.
-    leave_on_demand_min_age_restarts: float = 1.0
+    # How long (in restarts) spot must be expected to have lasted, counting the check
+    # interval about to start, before on-demand is left for it: a spell shorter than
+    # a restart pays two restarts for no progress.
+    leave_on_demand_min_age_restarts: float = 2.0
     # How much of the recent availability we count on, and how much of Uniform
     # Progress's schedule we keep in the blend.
     availability_trust: float = 1.0
     # Waiting for spot in the volume's AZ before moving, in migration overheads.
     home_wait_moves: float = 1.0
     # Slack kept on top of the reserve before waiting (hours).
-    cushion_hours: float = 0.5
+    cushion_hours: float = 0.75
     uniform_weight: float = 0.0
+    # Restart-scaled reserve: slack for the restarts expected in the time left
+    # (interruptions per hour x (restart + move with several AZs) x this factor),
+    # never below reserve_floor x Uniform Progress's share, never above it. A
+    # negative factor keeps Uniform Progress's share.
+    restart_reserve_factor: float = 2.0
+    reserve_floor: float = 0.3
+    # Expected spot lifetime in a pool at least this multiple of how long its
+    # capacity has already lasted (spells are heavy-tailed); 0 ignores the age.
+    lindy_factor: float = 1.0
+    # The first start (no volume yet) picks the pool with the highest recent
+    # availability: the job's home, where it will wait out outages.
+    home_by_availability: bool = True
+    # With several AZs an interruption may be met by a move: the restart-scaled
+    # reserve counts this share of the migration overhead per interruption.
+    reserve_move_share: float = 0.5
 
 
 DEFAULT_TUNING = Tuning()
@@ -247,12 +272,20 @@ def _rank_spot_pools(
         # Each expected interruption costs a restart; the first start is paid once,
         # spread over the shorter of the work left and the expected spot lifetime.
         stay = 1.0 / rate
+        if quote.capacity_changed_at is not None and tuning.lindy_factor > 0.0:
+            # Capacity that has lasted long tends to last (heavy-tailed spells).
+            up_for = max(0.0, (now - quote.capacity_changed_at) / SECONDS_PER_HOUR)
+            stay = max(stay, tuning.lindy_factor * up_for)
         if remaining_hours is not None:
             stay = min(stay, max(remaining_hours, view.recheck_hours))
         waste = rate * view.restart_overhead_hours + startup / stay
         useful = max(1e-6, 1.0 - min(0.999, waste))
         ranked.append(_Ranked(quote, price / useful, startup, rate))
     ranked.sort(key=lambda r: (r.cost_per_progress_hour, r.quote.pool.az))
+    if tuning.home_by_availability and view.volume_az is None:
+        # The first start picks the job's home AZ, where it will wait out outages:
+        # the pool spot has been in most, by the recent record, when we have one.
+        ranked.sort(key=lambda r: -(r.quote.recent_availability or 0.0))
     return ranked
 
 
@@ -358,24 +391,37 @@ def _reserve_share(
     """Share of the time left to keep as slack.
 
     Uniform Progress keeps slack0 / window: it expects spot for W / window of the time
-    left. We expect the share the pool recently had, less restarts, when we know it.
+    left. We keep less when the pool's recent availability says spot will carry more
+    of the work, and less again when few restarts are to be paid for: slack is spent
+    on restarts (a restart's worth per interruption, a move's too with several AZs)
+    and on waiting; the reserve is what the interruptions expected in the time left
+    will cost, times ``restart_reserve_factor``, but never below ``reserve_floor`` of
+    Uniform Progress's share (waiting out outages is what slack buys) nor above it.
     """
     uniform = 0.0
     if view.job_started_at is not None and view.deadline is not None:
         window = (view.deadline - view.job_started_at) / SECONDS_PER_HOUR
         if window > 0.0 and view.total_work_hours is not None:
             uniform = max(0.0, 1.0 - view.total_work_hours / window)
-    if quote is None or quote.recent_availability is None:
+    if quote is None:
         return tuning.reserve_factor * uniform
     rate = interruption_rate(quote, now, view.history_since, tuning)
-    expected = quote.recent_availability * (1.0 - rate * view.restart_overhead_hours)
-    expected = min(1.0, max(0.0, expected * tuning.availability_trust))
-    # Spot rarer than the uniform schedule needs: that schedule is still the one to
-    # keep (a stricter one could not be caught up with); richer: wait for it more.
-    blended = tuning.uniform_weight * uniform + (1.0 - tuning.uniform_weight) * min(
-        uniform, 1.0 - expected
-    )
-    return tuning.reserve_factor * blended
+    share = uniform
+    if quote.recent_availability is not None:
+        expected = quote.recent_availability * (1.0 - rate * view.restart_overhead_hours)
+        expected = min(1.0, max(0.0, expected * tuning.availability_trust))
+        # Spot rarer than the uniform schedule needs: that schedule is still the one to
+        # keep (a stricter one could not be caught up with); richer: wait for it more.
+        share = tuning.uniform_weight * uniform + (1.0 - tuning.uniform_weight) * min(
+            uniform, 1.0 - expected
+        )
+    if tuning.restart_reserve_factor >= 0.0:
+        per_restart = view.restart_overhead_hours
+        if len({q.pool.az for q in view.pools}) > 1:
+            per_restart += tuning.reserve_move_share * view.migration_overhead_hours
+        restarts = tuning.restart_reserve_factor * rate * per_restart
+        share = min(share, max(tuning.reserve_floor * uniform, restarts))
+    return tuning.reserve_factor * share
 
 
 def _wait_for_home(
@@ -409,7 +455,8 @@ def _leave_on_demand(
         return False
     since = best.quote.capacity_changed_at
     age = 0.0 if since is None else (now - since) / SECONDS_PER_HOUR
-    return age + 1e-9 >= tuning.leave_on_demand_min_age_restarts * d
+    # The tick about to start counts: spot seen now is spot for at least that long.
+    return age + view.recheck_hours + 1e-9 >= tuning.leave_on_demand_min_age_restarts * d
 
 
 def _home_quote(view: PlacementView, ranked: list[_Ranked]) -> PoolQuote | None:

@@ -78,6 +78,16 @@ class CreateVolume:
 @dataclass(frozen=True)
 class Launch:
     attempt: int  # the recorded attempt whose candidates to try, in order
+    # Written ahead by an earlier pass that may have died after RunInstances: look for
+    # what it launched (by tag) before trying the candidates again.
+    replay: bool = False
+
+
+@dataclass(frozen=True)
+class TerminateLaunched:
+    """End whatever a dead pass launched for these attempts (they end unlaunched)."""
+
+    attempts: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -96,7 +106,7 @@ class DeleteVolume:
     volume_id: str
 
 
-Action = CreateVolume | Launch | AttachVolume | Terminate | DeleteVolume
+Action = CreateVolume | Launch | AttachVolume | Terminate | DeleteVolume | TerminateLaunched
 
 
 @dataclass(frozen=True)
@@ -141,9 +151,8 @@ def decide(job: Job, observed: Observed, now: float) -> Decision:
         return _next_attempt(job, observed, now, terminate)
     if current.instance_id is None:
         # Written ahead but not launched (the last pass died or is still running).
-        return Decision(
-            job, (*_creates_for(job, current), Launch(current.number), *_terminate(terminate))
-        )
+        launch = Launch(current.number, replay=True)
+        return Decision(job, (*_creates_for(job, current), launch, *_terminate(terminate)))
 
     instance = observed.instance(current.instance_id)
     if instance is None or instance.state == "pending":
@@ -235,17 +244,21 @@ def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> D
     pending_launch = [a for a in job.attempts if not a.ended and a.instance_id is None]
     for attempt in pending_launch:
         job = _end_attempt(job, attempt, ENDED_CANCELLED, now)
+    # A pass that died after RunInstances may have left an instance no record names.
+    orphans: tuple[Action, ...] = ()
+    if pending_launch:
+        orphans = (TerminateLaunched(tuple(a.number for a in pending_launch)),)
     if alive:
         if job.state != JobState.CANCELLING:
             job = job.model_copy(update={"state": JobState.CANCELLING})
             job = job.with_event(now, "cancelling", f"terminating {', '.join(alive)}")
-        return Decision(job, _terminate(terminate, alive))
+        return Decision(job, (*orphans, *_terminate(terminate, alive)))
     for attempt in job.attempts:
         if not attempt.ended:
             job = _end_attempt(job, attempt, ENDED_CANCELLED, now)
     job = job.model_copy(update={"state": JobState.CANCELLED})
     job = job.with_event(now, "cancelled")
-    actions = list(_terminate(terminate))
+    actions: list[Action] = [*orphans, *_terminate(terminate)]
     volume = job.volume
     if job.delete_volume_on_cancel and volume is not None:
         if not volume.created_by_spotctl:
@@ -535,7 +548,20 @@ class Reconciler:
             logger.info("volume created", extra={**log, "volume_id": volume_id})
             return apply_volume_created(job, action, volume_id, now)
         if isinstance(action, Launch):
+            if action.replay:
+                adopted = self._adopt_launched(job, action.attempt, now, new)
+                if adopted is not None:
+                    return adopted
             return self._launch(job, action.attempt, now, new)
+        if isinstance(action, TerminateLaunched):
+            for number in action.attempts:
+                self.calls.append("ec2:DescribeInstances")
+                orphans = self.ec2.launched_for(job.job_id, number)
+                if orphans:
+                    self.calls.append("ec2:TerminateInstances")
+                    self.ec2.terminate(orphans)
+                    logger.info("terminated unrecorded", extra={**log, "instance_ids": [*orphans]})
+            return job
         if isinstance(action, AttachVolume):
             self.calls.append("ec2:AttachVolume")
             try:
@@ -554,6 +580,38 @@ class Reconciler:
         self.calls.append("ec2:DeleteVolume")
         self.ec2.delete_volume(action.volume_id)
         return job
+
+    def _adopt_launched(
+        self, job: Job, number: int, now: float, new: list[tuple[str, int]]
+    ) -> Job | None:
+        """Record what a dead pass launched for attempt ``number``, if anything.
+
+        Candidate 1's ClientToken protects only candidate 1: a pass that died after
+        launching it, with candidate 0 refused, would otherwise retry candidate 0 (which
+        may have capacity by now) and leave two instances. So the replay first looks
+        for the attempt's tagged instances and keeps the one it finds (extras, which a
+        single pass never makes, are terminated).
+        """
+        attempt = job.attempt(number)
+        assert attempt is not None
+        self.calls.append("ec2:DescribeInstances")
+        launched = self.ec2.launched_for(job.job_id, number)
+        if not launched:
+            return None
+        pools = [(c.pool.instance_type, c.pool.az) for c in attempt.candidates]
+        ours = sorted((pools.index(pool), iid) for iid, pool in launched.items() if pool in pools)
+        kept = ours[0][1] if ours else None
+        extras = [iid for iid in launched if iid != kept]
+        if extras:
+            # Only concurrent passes that each launched a different candidate get here.
+            self.calls.append("ec2:TerminateInstances")
+            self.ec2.terminate(extras)
+        if not ours:
+            return None
+        index, keep = ours[0]
+        new.append((keep, number))
+        job = apply_launched(job, number, index, keep, now)
+        return job.with_event(now, "launch-adopted", f"{keep}, found by its tags", number)
 
     def _launch(self, job: Job, number: int, now: float, new: list[tuple[str, int]]) -> Job:
         attempt = job.attempt(number)

@@ -2,27 +2,51 @@
 
 from __future__ import annotations
 
+import hmac
+import json
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from chalicelib.agent_auth import derive_secret, hash_secret, secret_matches
-from chalicelib.errors import InvalidJobSpec, InvalidTransition, NotAuthorized
+from chalicelib.errors import (
+    InvalidJobSpec,
+    InvalidTransition,
+    JobNotFound,
+    NotAuthenticated,
+    NotAuthorized,
+    RequestTooLarge,
+)
 from chalicelib.log import logger
-from chalicelib.models import Job, JobSpec, JobState, iso
+from chalicelib.models import Job, JobSpec, JobState, is_job_id, iso
 from chalicelib.reconcile import Reconciler, note_rebalance
 from chalicelib.store import MAX_PAGE, JobStore
 
 ReportKind = Literal["started", "checkpoint_synced", "rebalance", "interrupted", "exited"]
 
+# What a request may carry. API Gateway's own ceilings are 10 MB of body and 10 KB of
+# headers; a job spec is a few hundred bytes, so ours are far lower.
+MAX_BODY_BYTES = 64 * 1024
+MAX_HEADER_BYTES = 8 * 1024
+MAX_AUTHORIZATION_CHARS = 512
+MAX_JSON_DEPTH = 8
+MAX_QUERY_VALUE_CHARS = 2048
+
 
 class AgentReport(BaseModel):
     """What the instance agent posts to ``/jobs/{id}/reports``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     attempt: int = Field(ge=1, le=100_000)
     kind: ReportKind
@@ -46,6 +70,44 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
+class ListQuery(BaseModel):
+    """The query of ``GET /jobs``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state: JobState | None = None
+    limit: int = Field(default=50, ge=1, le=MAX_PAGE)
+    next_token: str | None = Field(
+        default=None, min_length=1, max_length=MAX_QUERY_VALUE_CHARS, pattern=r"^[A-Za-z0-9_=-]+$"
+    )
+
+    @field_validator("state", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("limit", mode="before")
+    @classmethod
+    def _digits(cls, value: object) -> object:
+        # int("²") fails and int("٣") is 3: accept ASCII digits only.
+        if isinstance(value, str) and not (value.isascii() and value.isdigit()):
+            raise ValueError(f"must be an integer from 1 to {MAX_PAGE}")
+        return value
+
+
+class CancelQuery(BaseModel):
+    """The query of ``DELETE /jobs/{job_id}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    delete_volume: Literal["true", "false"] = "false"
+
+    @field_validator("delete_volume", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -56,6 +118,94 @@ def parse_model(model: type[M], body: Any) -> M:
         return model.model_validate(body)
     except ValidationError as exc:
         raise InvalidJobSpec(describe_validation_error(exc)) from exc
+
+
+def parse_query(model: type[M], query: Mapping[str, str]) -> M:
+    for name, value in query.items():
+        _check_text(name, "query")
+        _check_text(value, name)
+    return parse_model(model, dict(query))
+
+
+def check_job_id(job_id: str) -> str:
+    """Refuse a malformed job id before anything reads the table."""
+    if not is_job_id(job_id):
+        raise InvalidJobSpec("job_id: must look like 'j-' and 16 hex digits")
+    return job_id
+
+
+def decode_json_body(raw: bytes | str | None) -> Any:
+    """The body as JSON, stricter than ``json.loads``: size-capped UTF-8, no NaN or
+    Infinity, no duplicate keys, no NUL or lone surrogates, bounded nesting."""
+    data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else (raw or b"")
+    if len(data) > MAX_BODY_BYTES:
+        raise RequestTooLarge(f"body: over {MAX_BODY_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidJobSpec("body: not UTF-8") from None
+    try:
+        body = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise InvalidJobSpec("body: nested too deeply") from None
+    except ValueError as exc:
+        detail = str(exc) if isinstance(exc, _BodyError) else "not valid JSON"
+        raise InvalidJobSpec(f"body: {detail}") from None
+    _check_tree(body)
+    return body
+
+
+class _BodyError(ValueError):
+    """A JSON document that parses but that the API refuses."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _BodyError(f"{name} is not a number this API accepts")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise _BodyError("an object repeats a key")
+    return result
+
+
+def _check_tree(body: Any) -> None:
+    pending: list[tuple[Any, int, str]] = [(body, 0, "body")]
+    while pending:
+        value, depth, where = pending.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidJobSpec("body: nested too deeply")
+        if isinstance(value, str):
+            _check_text(value, where)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                _check_text(key, where)
+                pending.append((item, depth + 1, key))
+        elif isinstance(value, list):
+            pending.extend((item, depth + 1, where) for item in value)
+
+
+def _check_text(value: str, where: str) -> None:
+    if "\x00" in value:
+        raise InvalidJobSpec(f"{_printable(where)}: contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJobSpec(f"{_printable(where)}: contains a lone surrogate") from None
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "replace").decode("utf-8")[:64].replace("\x00", "?")
+
+
+def check_bearer(authorization: str | None, expected: str) -> None:
+    """The user routes' token check (auth mode "token"), in constant time."""
+    presented = (authorization or "").removeprefix("Bearer ").strip()
+    if not expected or not presented:
+        raise NotAuthenticated("this API needs 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise NotAuthenticated("this token is not valid for this API")
 
 
 def new_job_id() -> str:
@@ -89,33 +239,15 @@ class JobService:
         return self._reconcile_best_effort(job)
 
     def get(self, job_id: str) -> Job:
-        return self.store.get(job_id)
+        return self.store.get(check_job_id(job_id))
 
     def list(self, query: Mapping[str, str]) -> tuple[list[Job], str | None]:
-        unknown = set(query) - {"state", "limit", "next_token"}
-        if unknown:
-            raise InvalidJobSpec(f"{sorted(unknown)[0]}: unknown query parameter")
-        state = None
-        if "state" in query:
-            try:
-                state = JobState(query["state"].upper())
-            except ValueError:
-                names = ", ".join(s.value for s in JobState)
-                raise InvalidJobSpec(f"state: must be one of {names}") from None
-        limit = 50
-        if "limit" in query:
-            if not query["limit"].isdigit() or not 1 <= int(query["limit"]) <= MAX_PAGE:
-                raise InvalidJobSpec(f"limit: must be an integer from 1 to {MAX_PAGE}")
-            limit = int(query["limit"])
-        return self.store.page(state, limit, query.get("next_token"))
+        parsed = parse_query(ListQuery, query)
+        return self.store.page(parsed.state, parsed.limit, parsed.next_token)
 
     def cancel(self, job_id: str, query: Mapping[str, str]) -> Job:
-        unknown = set(query) - {"delete_volume"}
-        if unknown:
-            raise InvalidJobSpec(f"{sorted(unknown)[0]}: unknown query parameter")
-        flag = query.get("delete_volume", "false").lower()
-        if flag not in ("true", "false"):
-            raise InvalidJobSpec("delete_volume: must be true or false")
+        check_job_id(job_id)
+        flag = parse_query(CancelQuery, query).delete_volume
         job = self.store.get(job_id)
         if job.state.is_terminal():
             raise InvalidTransition(f"job {job_id} already ended: {job.state.value}")
@@ -129,10 +261,19 @@ class JobService:
         return self.reconciler.reconcile(job_id, request_cancel)
 
     def report(self, job_id: str, authorization: str | None, body: Any) -> Job:
-        """An agent's report, authorised by the job's secret (we keep only its hash)."""
-        job = self.store.get(job_id)
+        """An agent's report, authorised by the job's secret (we keep only its hash).
+
+        An unknown job answers like a wrong secret: the route tells no one without
+        the secret whether a job exists."""
+        check_job_id(job_id)
         token = (authorization or "").removeprefix("Bearer ").strip()
-        if not token or not secret_matches(token, job.secret_hash):
+        if not token or len(token) > MAX_AUTHORIZATION_CHARS:
+            raise NotAuthorized("this secret does not belong to this job")
+        try:
+            job = self.store.get(job_id)
+        except JobNotFound:
+            raise NotAuthorized("this secret does not belong to this job") from None
+        if not secret_matches(token, job.secret_hash):
             raise NotAuthorized("this secret does not belong to this job")
         report = parse_model(AgentReport, body)
         if job.attempt(report.attempt) is None:

@@ -152,8 +152,14 @@ class JobStore:
         if state is not None:
             query["ExpressionAttributeNames"] = {"#s": "state"}
         if page_token:
-            query["ExclusiveStartKey"] = _decode_token(page_token)
-        response = self._client.query(**query)
+            index_key = "kind" if state is None else "state"
+            query["ExclusiveStartKey"] = _decode_token(page_token, {"pk", index_key, "created_at"})
+        try:
+            response = self._client.query(**query)
+        except ClientError as exc:
+            if page_token and exc.response["Error"]["Code"] == "ValidationException":
+                raise InvalidJobSpec("next_token: not a token for this query") from exc
+            raise
         jobs = [_job_from_item(item) for item in response.get("Items", [])]
         last = response.get("LastEvaluatedKey")
         return jobs, (_encode_token(last) if last else None)
@@ -184,12 +190,21 @@ def _encode_token(key: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(key, sort_keys=True).encode()).decode()
 
 
-def _decode_token(token: str) -> dict[str, Any]:
+def _decode_token(token: str, key_names: set[str]) -> dict[str, Any]:
     try:
         key = json.loads(base64.urlsafe_b64decode(token.encode()))
     except (ValueError, binascii.Error) as exc:
         raise InvalidJobSpec("next_token: not a token this API returned") from exc
-    if not isinstance(key, dict) or not all(isinstance(v, dict) for v in key.values()):
+    # Only the key attributes of our indexes, as strings: anything else would reach
+    # DynamoDB as a malformed ExclusiveStartKey (a 500, not a 400).
+    if (
+        not isinstance(key, dict)
+        or set(key) != key_names
+        or not all(
+            isinstance(v, dict) and list(v) == ["S"] and isinstance(v["S"], str) and v["S"]
+            for v in key.values()
+        )
+    ):
         raise InvalidJobSpec("next_token: not a token this API returned")
     return key
 

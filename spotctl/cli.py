@@ -9,7 +9,10 @@
     spotctl sandbox down
 
 The API is ``--api-url``, else ``$SPOTCTL_API_URL``, else the sandbox started from this
-directory (``.sandbox/state.json``).
+directory (``.sandbox/state.json``). Requests carry ``$SPOTCTL_API_TOKEN`` as a bearer
+token, else the sandbox's token when the API is that sandbox's, else (a deployed stage,
+``*.execute-api.*.amazonaws.com``) an AWS SigV4 signature made with the caller's AWS
+credentials.
 """
 
 from __future__ import annotations
@@ -67,13 +70,55 @@ def api_url(args: argparse.Namespace) -> str:
     return str(url).rstrip("/")
 
 
-def call(base: str, method: str, path: str, body: Any = None) -> Any:
-    """One API call; the decoded JSON answer, or CliError with the API's message."""
+def api_token(url: str) -> str | None:
+    """The bearer token for ``url``: $SPOTCTL_API_TOKEN, else the local sandbox's."""
+    token = os.environ.get("SPOTCTL_API_TOKEN")
+    if token:
+        return token
+    state = sandbox_state()
+    if state is not None and str(state["api_url"]).rstrip("/") == url:
+        return state.get("api_token") or None
+    return None
+
+
+def _sigv4_headers(
+    url: str, method: str, data: bytes | None, headers: dict[str, str]
+) -> dict[str, str]:
+    """Sign for API Gateway's IAM authorization with the caller's AWS credentials."""
+    try:
+        import botocore.session  # noqa: PLC0415 - only deployed stages need it
+        from botocore.auth import SigV4Auth  # noqa: PLC0415
+        from botocore.awsrequest import AWSRequest  # noqa: PLC0415
+    except ImportError:
+        raise CliError("signing for a deployed stage needs botocore (pip install boto3)") from None
+    credentials = botocore.session.get_session().get_credentials()
+    if credentials is None:
+        raise CliError("no AWS credentials to sign the request with (SigV4)")
+    region = (urllib.parse.urlsplit(url).hostname or "").split(".")[2]
+    request = AWSRequest(method=method, url=url, data=data, headers=headers)
+    SigV4Auth(credentials.get_frozen_credentials(), "execute-api", region).add_auth(request)
+    return dict(request.headers.items())
+
+
+def _is_api_gateway(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return ".execute-api." in host and host.endswith(".amazonaws.com")
+
+
+def call(base: str, method: str, path: str, body: Any = None, token: str | None = None) -> Any:
+    """One API call; the decoded JSON answer, or CliError with the API's message.
+
+    ``token`` defaults to :func:`api_token` for ``base``."""
     url = base + path
     if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
         raise CliError(f"not an http(s) URL: {url}")
     data = json.dumps(body).encode() if body is not None else None
     headers = {"Content-Type": "application/json"} if data is not None else {}
+    token = token if token is not None else api_token(base)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    elif _is_api_gateway(url):
+        headers = _sigv4_headers(url, method, data, headers)
     request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310

@@ -126,7 +126,7 @@ class Demo:
                     f"x{self.args.speed:g}, trace {TRACE.relative_to(REPO_ROOT)} from tick "
                     f"{self.args.start_tick}"
                 )
-                job = call(sandbox.api_url, "POST", "/jobs", self.spec)
+                job = call(sandbox.api_url, "POST", "/jobs", self.spec, token=sandbox.api_token)
                 self.console.print(f"submitted {job['job_id']} through POST /jobs")
                 job = self.watch(sandbox, job["job_id"], started)
                 logs = self.attempt_logs(sandbox, job)
@@ -141,11 +141,13 @@ class Demo:
 
     def watch(self, sandbox: Sandbox, job_id: str, started: float) -> dict[str, Any]:
         deadline = time.monotonic() + self.args.timeout
-        job: dict[str, Any] = call(sandbox.api_url, "GET", f"/jobs/{job_id}")
+        job: dict[str, Any] = call(
+            sandbox.api_url, "GET", f"/jobs/{job_id}", token=sandbox.api_token
+        )
         with Live(self.progress(sandbox, job, started), console=self.console) as live:
             while job["state"] not in TERMINAL and time.monotonic() < deadline:
                 time.sleep(0.5)
-                job = call(sandbox.api_url, "GET", f"/jobs/{job_id}")
+                job = call(sandbox.api_url, "GET", f"/jobs/{job_id}", token=sandbox.api_token)
                 live.update(self.progress(sandbox, job, started))
         return job
 

@@ -47,6 +47,7 @@ from spotctl.sandbox.proxy import (
     sandbox_client,
     xml_response,
 )
+from spotctl.sandbox.throttle import Ec2Throttle
 
 DEFAULT_ACCOUNT = "123456789012"  # moto's default account
 INTERRUPTION_NOTICE_SECONDS = 120.0
@@ -210,10 +211,14 @@ class SandboxEc2:
         self._detaching: dict[str, _Detaching] = {}
         self._tokens: dict[tuple[str, str, str], tuple[str, UpstreamResponse]] = {}
         self._clients: dict[str, Any] = {}
+        # EC2's request rate limits; None (the default) admits every call.
+        self.throttle: Ec2Throttle | None = None
 
     # -- the proxy's entry point -------------------------------------------------------
 
     def handle(self, request: Ec2Request) -> UpstreamResponse:
+        if self.throttle is not None:
+            self.throttle.admit(request.action)
         handlers: dict[str, Callable[[Ec2Request], UpstreamResponse]] = {
             "RunInstances": self._run_instances,
             "CreateVolume": self._create_volume,
@@ -306,8 +311,28 @@ class SandboxEc2:
             and self.market.price(info.instance_type, info.az, now) > info.max_price
         ):
             reason = "price"
-        if reason is None:
-            return
+        if reason is not None:
+            self._start_interruption(record, reason, now)
+
+    def interrupt(self, instance_id: str, reason: str = "capacity") -> bool:
+        """Interrupt a running spot instance now, as the market would (benchmarks, tests).
+
+        Returns False if the instance is not a live spot instance or is already noticed.
+        """
+        with self._lock:
+            record = self._instances.get(instance_id)
+            if (
+                record is None
+                or record.info.market != "spot"
+                or record.state not in {"pending", "running"}
+                or record.interruption is not None
+            ):
+                return False
+            self._start_interruption(record, reason, self.clock.now())
+            return True
+
+    def _start_interruption(self, record: _Instance, reason: str, now: float) -> None:
+        info = record.info
         rebalance = self._rng.random() < self.options.rebalance_probability
         warn = self._rng.random() < self.options.warning_probability
         record.interruption = Interruption(
@@ -390,6 +415,10 @@ class SandboxEc2:
                     f"There is no Spot capacity available that matches your request "
                     f"({instance_type} in {az}).",
                 )
+        # EC2 starts as many as it can up to MaxCount; moto starts MinCount. The sandbox's
+        # capacity is all or nothing per pool, so "as many as it can" is MaxCount.
+        if params.get("MaxCount"):
+            params["MinCount"] = params["MaxCount"]
         answer = self.upstream.send_ec2(request, params)
         if answer.status != 200:
             return answer

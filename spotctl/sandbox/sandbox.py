@@ -1,7 +1,8 @@
 """``Sandbox``: the whole of spotctl on one machine, with no AWS account.
 
     with Sandbox(root=".sandbox", speed=60.0, trace_paths=[...]) as sandbox:
-        requests.post(sandbox.api_url + "/jobs", json=spec)
+        requests.post(sandbox.api_url + "/jobs", json=spec,
+                      headers={"Authorization": f"Bearer {sandbox.api_token}"})
 
 It composes a ``LocalCloud`` (moto behind the fidelity proxy, the spot market, the event
 bus, the sandbox clock), the control plane in this process exactly as deployed (app.py's
@@ -105,6 +106,8 @@ class Sandbox:
         self._server_thread: threading.Thread | None = None
         self._saved_env: dict[str, str | None] = {}
         self._started = False
+        # The user routes' bearer token (the agents use their jobs' own secrets).
+        self.api_token = secrets.token_urlsafe(32)
 
     # -- start / stop ----------------------------------------------------------------------
 
@@ -145,6 +148,8 @@ class Sandbox:
                 "SPOTCTL_TABLE": TABLE,
                 "SPOTCTL_BUCKET": BUCKET,
                 "SPOTCTL_SIGNING_KEY": secrets.token_hex(16),
+                "SPOTCTL_AUTH": "token",
+                "SPOTCTL_API_TOKEN": self.api_token,
                 "SPOTCTL_API_URL": f"http://{host}:{port}",
                 "SPOTCTL_AMI_ID": self._register_image(),
             }
@@ -304,6 +309,7 @@ def serve(argv: Sequence[str] | None = None) -> int:
         sandbox.start()
         document = {
             "api_url": sandbox.api_url,
+            "api_token": sandbox.api_token,
             "endpoint_url": sandbox.endpoint_url,
             "pid": os.getpid(),
             "root": str(sandbox.root),
@@ -312,7 +318,10 @@ def serve(argv: Sequence[str] | None = None) -> int:
             "ports": sandbox.ports(),
         }
         tmp = state.with_name(state.name + ".tmp")
-        tmp.write_text(json.dumps(document, indent=2))
+        tmp.unlink(missing_ok=True)
+        # It holds the API token: readable by its owner only, from the first byte.
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+            out.write(json.dumps(document, indent=2))
         tmp.replace(state)
         logger.info("sandbox serving on %s", sandbox.api_url)
         stop.wait()

@@ -223,3 +223,34 @@ def test_the_functions_that_launch_know_where_agents_report(template) -> None:
 def test_deployed_stages_trace_with_xray(stage: str) -> None:
     config = json.loads((ROOT / ".chalice" / "config.json").read_text())
     assert config["stages"][stage]["xray"] is True
+
+
+USER_ROUTES = {("/jobs", "get"), ("/jobs", "post"), ("/jobs/{job_id}", "get")}
+USER_ROUTES |= {("/jobs/{job_id}", "delete")}
+# The agent's reports carry the job's secret (instances have no IAM identity for the
+# API); the OpenAPI description is public.
+OPEN_ROUTES = {("/jobs/{job_id}/reports", "post"), ("/openapi.json", "get")}
+
+
+def test_user_routes_need_sigv4_and_the_agent_route_needs_none(template) -> None:
+    """API Gateway imports `awsSigv4` as AuthorizationType AWS_IAM on each method."""
+    api = template["Resources"]["RestAPI"]["Properties"]["DefinitionBody"]
+    scheme = api["securityDefinitions"]["sigv4"]
+    assert scheme["x-amazon-apigateway-authtype"] == "awsSigv4"
+    assert (scheme["type"], scheme["in"], scheme["name"]) == ("apiKey", "header", "Authorization")
+    security = {
+        (path, method): operation.get("security")
+        for path, operations in api["paths"].items()
+        for method, operation in operations.items()
+    }
+    assert set(security) == USER_ROUTES | OPEN_ROUTES, "classify every new route here"
+    for route in USER_ROUTES:
+        assert security[route] == [{"sigv4": []}], route
+    for route in OPEN_ROUTES:
+        assert security[route] is None, route
+
+
+@pytest.mark.parametrize("stage", ["dev", "prod"])
+def test_deployed_stages_authorise_users_with_iam(stage: str) -> None:
+    config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    assert config["stages"][stage]["environment_variables"]["SPOTCTL_AUTH"] == "iam"

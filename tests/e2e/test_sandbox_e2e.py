@@ -41,10 +41,10 @@ def port_open(port: int) -> bool:
 
 def wait_for(sandbox: Sandbox, job_id: str, states: tuple[str, ...], seconds: float) -> Any:
     deadline = time.monotonic() + seconds
-    job = call(sandbox.api_url, "GET", f"/jobs/{job_id}")
+    job = call(sandbox.api_url, "GET", f"/jobs/{job_id}", token=sandbox.api_token)
     while job["state"] not in states and time.monotonic() < deadline:
         time.sleep(0.5)
-        job = call(sandbox.api_url, "GET", f"/jobs/{job_id}")
+        job = call(sandbox.api_url, "GET", f"/jobs/{job_id}", token=sandbox.api_token)
     return job
 
 
@@ -72,7 +72,7 @@ def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reord
     }
     with sandbox:
         ports = sandbox.ports()
-        job = call(sandbox.api_url, "POST", "/jobs", spec)
+        job = call(sandbox.api_url, "POST", "/jobs", spec, token=sandbox.api_token)
         job = wait_for(sandbox, job["job_id"], ("SUCCEEDED", "FAILED", "CANCELLED"), 75)
         final = json.loads(
             sandbox.client("s3")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+from openapi_spec_validator import validate
 
 from chalicelib.agent_auth import derive_secret
+from chalicelib.openapi import document
 from tests.functional.conftest import SIGNING_KEY, Env
 
 VALID: dict[str, Any] = {
@@ -27,6 +30,13 @@ BAD_SPECS = [
     ("instance_types", {"instance_types": ["P3 2XL"]}),
     ("instance_types", {"instance_types": ["g4dn.xlarge", "g4dn.xlarge"]}),
     ("instance_types", {"instance_types": ["x9.huge"]}),
+    ("instance_types", {"instance_types": ["g4dn.xlarge\n"]}),
+    ("instance_types", {"instance_types": ["g4dn.2xlargex"]}),
+    ("instance_types", {"instance_types": [f"t{i}.large" for i in range(21)]}),
+    ("name", {"name": "resnet\n"}),
+    ("name", {"name": "r" * 64}),
+    ("command", {"command": ["python", "a\u0000b"]}),
+    ("command", {"command": ["x"] * 257}),
     ("availability_zones", {"availability_zones": ["mars-1a"]}),
     ("volume_gib", {"volume_gib": 0}),
     ("volume_gib", {"volume_gib": 20000}),
@@ -34,6 +44,11 @@ BAD_SPECS = [
     ("snapshot_id", {"volume_gib": None, "snapshot_id": "snapshot-1"}),
     ("results_s3_uri", {"results_s3_uri": "https://bucket/x"}),
     ("results_s3_uri", {"results_s3_uri": "s3://B_ad/x"}),
+    ("results_s3_uri", {"results_s3_uri": "s3://192.168.1.1/x"}),
+    ("results_s3_uri", {"results_s3_uri": "s3://my--ol-s3/x"}),
+    ("results_s3_uri", {"results_s3_uri": "s3://bucket/a\nb"}),
+    ("results_s3_uri", {"results_s3_uri": "s3://bucket/../x"}),
+    ("results_s3_uri", {"results_s3_uri": "s3://bucket/" + "k" * 1025}),
     ("deadline", {"deadline": "2020-01-01T00:00:00Z"}),
     ("deadline", {"deadline": "2030-01-01T00:00:00"}),
     ("max_price_per_hour", {"max_price_per_hour": -1}),
@@ -43,6 +58,9 @@ BAD_SPECS = [
     ("unexpected", {"unexpected": 1}),
     ("volume_gib, volume_id or snapshot_id", {"volume_gib": None}),
 ]
+
+
+JSON = "application/json"
 
 
 def post_raw(env: Env, body: str) -> Any:
@@ -71,6 +89,74 @@ def test_body_that_is_not_a_json_object_is_rejected(env: Env, body: str) -> None
     response = post_raw(env, body)
     assert response.status_code == 400
     assert "body" in json.loads(response.body)["Message"]
+
+
+def spec_text(**replace: str) -> str:
+    """VALID as JSON text, with some values replaced by raw JSON text."""
+    fields = {key: json.dumps(value) for key, value in VALID.items()}
+    fields.update(replace)
+    return "{" + ", ".join(f'"{key}": {value}' for key, value in fields.items()) + "}"
+
+
+HOSTILE_BODIES = [
+    ("NaN", spec_text(max_price_per_hour="NaN")),
+    ("Infinity", spec_text(expected_hours="Infinity")),
+    ("-Infinity", spec_text(volume_gib="-Infinity")),
+    ("repeats a key", spec_text()[:-1] + ', "name": "other"}'),
+    ("surrogate", spec_text(name='"\\ud800"')),
+    ("surrogate", spec_text(command='["python", "\\udfff"]')),
+    ("NUL", spec_text(command='["python", "a\\u0000"]')),
+    ("NUL", spec_text(checkpoint='{"directory\\u0000": "x"}')),
+    ("nested", spec_text(extra="[" * 20 + "]" * 20)),
+    ("nested", "[" * 100_000 + "]" * 100_000),
+]
+
+
+@pytest.mark.parametrize(("problem", "body"), HOSTILE_BODIES, ids=[p for p, _ in HOSTILE_BODIES])
+def test_hostile_json_is_400_naming_the_problem_and_writes_nothing(
+    env: Env, problem: str, body: str
+) -> None:
+    response = post_raw(env, body)
+    assert response.status_code in (400, 413), response.body
+    message = json.loads(response.body)["Message"]
+    if response.status_code == 400 and problem not in ("surrogate",):
+        assert problem in message or "nested" in message, message
+    assert env.ec2.describe_volumes()["Volumes"] == []
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+
+
+def test_body_that_is_not_utf8_is_400(env: Env) -> None:
+    body = spec_text(name='"r\xe9sum\xe9"').encode("latin-1")
+    response = env.client.http.post(
+        "/jobs", headers={"content-type": "application/json"}, body=body
+    )
+    assert response.status_code == 400
+    assert "UTF-8" in json.loads(response.body)["Message"]
+
+
+def test_body_over_64_kib_is_413_and_writes_nothing(env: Env) -> None:
+    body = spec_text(image=json.dumps("x" * (64 * 1024)))
+    response = post_raw(env, body)
+    assert response.status_code == 413
+    assert env.ec2.describe_volumes()["Volumes"] == []
+
+
+def test_headers_over_8_kib_are_431(env: Env) -> None:
+    headers = {"content-type": "application/json", "x-padding": "p" * 9000}
+    response = env.client.http.post("/jobs", headers=headers, body=json.dumps(VALID))
+    assert response.status_code == 431
+    assert env.ec2.describe_volumes()["Volumes"] == []
+
+
+def test_the_committed_openapi_document_is_current() -> None:
+    """Writes docs/openapi.json when it is stale, and fails so the change is seen."""
+    validate(document())
+    path = Path(__file__).resolve().parents[2] / "docs" / "openapi.json"
+    current = json.dumps(document(), indent=2, sort_keys=True) + "\n"
+    committed = path.read_text() if path.exists() else ""
+    if committed != current:
+        path.write_text(current)
+        pytest.fail("docs/openapi.json was stale; rewritten, commit it")
 
 
 def test_submit_returns_201_with_id_and_state(env: Env) -> None:
@@ -109,6 +195,10 @@ def test_list_filters_by_state_and_paginates(env: Env) -> None:
         ("limit=0", "limit"),
         ("limit=x", "limit"),
         ("next_token=%%%", "next_token"),
+        ("next_token=eyJhIjogeyJYIjogMX19", "next_token"),
+        ("limit=%C2%B2", "limit"),
+        ("limit=%D9%A3", "limit"),
+        ("state=RUNNING%00", "state"),
         ("colour=red", "colour"),
     ],
 )

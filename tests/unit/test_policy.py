@@ -26,6 +26,7 @@ NOW = 1_000_000_000.0
 H = 3600.0
 A = Pool("p3.2xlarge", "us-east-1a")
 B = Pool("p3.2xlarge", "us-east-1b")
+C = Pool("p3.2xlarge", "us-east-1c")
 OD_PRICE = 3.06
 
 
@@ -67,6 +68,14 @@ def on(pool: Pool, market: Market, hours_ago: float = 1.0) -> CurrentRun:
     return CurrentRun(pool, market, NOW - hours_ago * H, 0.2)
 
 
+def interrupted(times: int) -> tuple[Interruption, ...]:
+    """``times`` capacity interruptions spread over the last day."""
+    return tuple(
+        Interruption(NOW - (k + 0.5) * 24 * H / times, InterruptionCause.CAPACITY)
+        for k in range(times)
+    )
+
+
 @dataclass(frozen=True)
 class Row:
     situation: str
@@ -83,14 +92,14 @@ ROWS = [
         Wait,
     ),
     Row(
-        "fresh job, no spot, no slack to spare yet: on-demand",
-        view(pools=(quote(spot=None),)),
+        "fresh job, no spot, many restarts expected, no slack to spare yet: on-demand",
+        view(pools=(quote(spot=None, interruptions=interrupted(36)),)),
         OnDemand,
         A,
     ),
     Row(
         "no spot and behind schedule: on-demand",
-        view(done=10.0, left=40.0, pools=(quote(spot=None),)),
+        view(done=10.0, left=40.0, pools=(quote(spot=None, interruptions=interrupted(36)),)),
         OnDemand,
         A,
     ),
@@ -129,7 +138,7 @@ ROWS = [
             done=10.0,
             left=40.0,
             current=on(A, Market.ON_DEMAND),
-            pools=(quote(capacity_changed_at=NOW - 2 * H),),
+            pools=(quote(capacity_changed_at=NOW - 2 * H, interruptions=interrupted(36)),),
         ),
         OnDemand,
         A,
@@ -141,6 +150,34 @@ ROWS = [
             left=30.0,
             current=on(A, Market.ON_DEMAND),
             pools=(quote(capacity_changed_at=NOW),),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "on-demand, spot back this instant, restarts cheap next to a check: back to spot",
+        view(
+            done=30.0,
+            left=30.0,
+            overhead=0.05,
+            current=on(A, Market.ON_DEMAND),
+            pools=(quote(capacity_changed_at=NOW),),
+        ),
+        Spot,
+        A,
+    ),
+    Row(
+        "no spot, behind Uniform Progress's line but few restarts expected: wait",
+        view(done=21.0, left=35.0, window=70.0, pools=(quote(spot=None),)),
+        Wait,
+    ),
+    Row(
+        "no spot, behind Uniform Progress's line and many restarts expected: on-demand",
+        view(
+            done=21.0,
+            left=35.0,
+            window=70.0,
+            pools=(quote(spot=None, interruptions=interrupted(36)),),
         ),
         OnDemand,
         A,
@@ -182,8 +219,29 @@ ROWS = [
         B,
     ),
     Row(
+        "two AZs, same interruption history: the one whose capacity has lasted longer",
+        view(
+            volume_az=None,
+            pools=(
+                quote(B, interruptions=interrupted(8), capacity_changed_at=NOW - 0.1 * H),
+                quote(C, interruptions=interrupted(8), capacity_changed_at=NOW - 6 * H),
+            ),
+        ),
+        Spot,
+        C,
+    ),
+    Row(
+        "first start, two AZs with spot: home is the one spot was in most recently",
+        view(
+            volume_az=None,
+            pools=(quote(A, recent_availability=0.5), quote(B, recent_availability=0.9)),
+        ),
+        Spot,
+        B,
+    ),
+    Row(
         "spot price above the cap: not a spot pool",
-        view(pools=(quote(spot=2.0),), cap=1.5, done=10.0, left=40.0),
+        view(pools=(quote(spot=2.0),), cap=1.5, done=10.0, left=38.3),
         OnDemand,
         A,
     ),
