@@ -322,13 +322,18 @@ class Fuzzer:
         return path
 
     def authorization(self, request: Request, job_id: str) -> str | None:
+        def secret_of(job_id: str) -> str:
+            # A fuzzed id may hold lone surrogates, which no job id has: any secret will do.
+            printable = job_id.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+            return derive_secret(SIGNING_KEY, printable)
+
         other = next((j for j in self.jobs if j != job_id), "j-1111111111111111")
         return {
             "token": f"Bearer {TOKEN}",
             "none": None,
             "wrong": "Bearer " + TOKEN[::-1],
-            "own-secret": f"Bearer {derive_secret(SIGNING_KEY, job_id)}",
-            "other-secret": f"Bearer {derive_secret(SIGNING_KEY, other)}",
+            "own-secret": f"Bearer {secret_of(job_id)}",
+            "other-secret": f"Bearer {secret_of(other)}",
             "huge": "Bearer " + "a" * 9000,
         }[request.credentials]
 
