@@ -309,7 +309,8 @@ class Fuzzer:
         return str(value)
 
     def path(self, request: Request, job_id: str) -> str:
-        quoted = urllib.parse.quote(job_id, safe="")
+        # Lone surrogates cannot be text on the wire: send their bytes, percent-encoded.
+        quoted = urllib.parse.quote(job_id.encode("utf-8", "surrogatepass"), safe="")
         path = {
             "submit": "/jobs",
             "list": "/jobs",
@@ -318,7 +319,7 @@ class Fuzzer:
             "openapi": "/openapi.json",
         }[request.route]
         if request.query:
-            path += "?" + urllib.parse.urlencode(request.query)
+            path += "?" + urllib.parse.urlencode(request.query, errors="surrogatepass")
         return path
 
     def authorization(self, request: Request, job_id: str) -> str | None:
