@@ -56,7 +56,8 @@ def work_done_hours(job: Job, now: float) -> float:
 
 
 def _interruptions(job: Job, pool: Pool) -> tuple[policy.Interruption, ...]:
-    return tuple(
+    """The job's interruptions in ``pool``, oldest first (as the policy expects)."""
+    found = (
         policy.Interruption(
             at=a.warned_at or a.ended_at or a.requested_at,
             cause=policy.InterruptionCause.CAPACITY,
@@ -65,6 +66,7 @@ def _interruptions(job: Job, pool: Pool) -> tuple[policy.Interruption, ...]:
         for a in job.attempts
         if a.pool == pool and a.end_reason in (ENDED_INTERRUPTED, ENDED_RECLAIMED)
     )
+    return tuple(sorted(found, key=lambda i: i.at))
 
 
 def _recently_refused(job: Job, pool: Pool, now: float) -> bool:

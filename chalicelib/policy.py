@@ -26,11 +26,21 @@ every hour spent waiting spends an hour of it, running spends none. The policy
   have lasted two restarts' worth of time by the next check (short-lived capacity
   costs two restarts for no progress);
 - ranks spot pools by expected cost per hour of progress, counting the restarts that
-  the recorded interruptions predict (capacity that has already lasted long is
-  expected to last at least as long again) and the volume move (snapshot + restore)
-  another AZ needs; the first start goes to the pool with the highest recent
-  availability (the job's home); before paying for a move it waits, ski-rental
-  style, as long as the move would cost for spot to come back where the volume is.
+  the recorded interruptions predict and the volume move (snapshot + restore) another
+  AZ needs; how long a pool's capacity will last comes from its spell record (how
+  long each recorded spell of capacity lasted): the median remainder of the spells
+  that outlived the current one's age, so a young spell in a pool of short spells
+  counts for little and one that has lasted long counts for more;
+- moves the volume to another AZ only when the spot time it is expected to buy there
+  pays for the move: its startup costs its hours at the on-demand price (billed
+  without progress, and slack a later outage buys back on on-demand), a move out of
+  the home AZ pays for the way back too and counts only the spot it buys until home
+  has spot again (by the home's outage record), and slack taken from below the
+  reserve costs the on-demand hours needed to earn it back at the reserve's rate;
+- starts the job in its home: the AZ spot has been in most by the recent record,
+  even when it has no spot this minute; before paying for a move it waits,
+  ski-rental style, as long as the move would cost for spot to come back where the
+  volume is.
 
 Max price follows AWS's advice (no low bids): the on-demand price, or the job's cap if
 lower; after an interruption caused by price it is raised, up to the cap.
@@ -39,7 +49,8 @@ lower; after an interruption caused by price it is raised, up to the cap.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 SECONDS_PER_HOUR = 3600.0
@@ -91,12 +102,17 @@ class PoolQuote:
     pool: Pool
     on_demand_price: float  # $/h
     spot_price: float | None  # $/h; None when spot capacity is known to be unavailable
-    interruptions: tuple[Interruption, ...] = ()
+    interruptions: tuple[Interruption, ...] = ()  # oldest first
     spot_available: bool = True  # believed available (no recent capacity failure)
     capacity_changed_at: float | None = None  # epoch s spot last came or went here
     # Share of the recent past (Tuning.history_window_hours) with spot capacity here,
     # from our capacity observations; None when we have none.
     recent_availability: float | None = None
+    # How long (h) each spell of spot capacity we recorded here lasted before it was
+    # interrupted: the pool's survival record, from which a move is judged.
+    spell_hours: tuple[float, ...] = ()
+    # How long (h) each outage of spot capacity we recorded here lasted.
+    outage_hours: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +169,8 @@ class Tuning:
     cushion_hours: float = 0.75
     uniform_weight: float = 0.0
     # Restart-scaled reserve: slack for the restarts expected in the time left
-    # (interruptions per hour x (restart + move with several AZs) x this factor),
-    # never below reserve_floor x Uniform Progress's share, never above it. A
+    # (interruptions per hour x restart overhead x this factor; a move prices its own
+    # slack), never below reserve_floor x Uniform Progress's share, never above it. A
     # negative factor keeps Uniform Progress's share.
     restart_reserve_factor: float = 2.0
     reserve_floor: float = 0.3
@@ -164,9 +180,13 @@ class Tuning:
     # The first start (no volume yet) picks the pool with the highest recent
     # availability: the job's home, where it will wait out outages.
     home_by_availability: bool = True
-    # With several AZs an interruption may be met by a move: the restart-scaled
-    # reserve counts this share of the migration overhead per interruption.
-    reserve_move_share: float = 0.5
+    # Weight (in recorded spells) of the prior in a pool's expected spell remainder,
+    # and the quantile of the remainders counted on (the median: as likely shorter).
+    spell_prior_weight: float = 1.0
+    spell_quantile: float = 0.5
+    # Moves out of the home AZ (the one spot has been in most) are trips out and
+    # back: each must pay for this many moves.
+    excursion_trips: float = 2.0
 
 
 DEFAULT_TUNING = Tuning()
@@ -222,6 +242,10 @@ def max_price_for(quote: PoolQuote, price_cap: float | None) -> float:
     return bid if price_cap is None else min(bid, price_cap)
 
 
+def _at(interruption: Interruption) -> float:
+    return interruption.at
+
+
 def interruption_rate(
     quote: PoolQuote, now: float, since: float | None, tuning: Tuning = DEFAULT_TUNING
 ) -> float:
@@ -230,17 +254,72 @@ def interruption_rate(
     if since is not None:
         window_start = max(window_start, since)
     observed_hours = max(0.0, (now - window_start) / SECONDS_PER_HOUR)
-    count = sum(1 for i in quote.interruptions if window_start <= i.at <= now)
+    found = quote.interruptions
+    count = bisect_right(found, now, key=_at) - bisect_left(found, window_start, key=_at)
     prior = tuning.prior_interruptions_per_hour * tuning.prior_hours
     return (count + prior) / (observed_hours + tuning.prior_hours)
 
 
+def expected_spot_hours(
+    quote: PoolQuote,
+    now: float,
+    since: float | None,
+    tuning: Tuning = DEFAULT_TUNING,
+    rate: float | None = None,
+) -> float:
+    """Hours spot capacity in a pool can be counted on from now.
+
+    The recorded spells that outlived the current one's age (a spell that has lasted
+    long is judged against the long ones only), with a prior of one interruption-rate
+    lifetime, at least the age (spells are heavy-tailed). Their remainders are
+    heavy-tailed too, and a move is lost if the spell ends early, so the quantile
+    ``tuning.spell_quantile`` of the remainders is what we count on, not their mean.
+    ``rate`` is the pool's :func:`interruption_rate`, when the caller has it.
+    """
+    # A pool is interrupted only while it has capacity: hours of capacity per interruption.
+    up_share = 1.0 if quote.recent_availability is None else quote.recent_availability
+    if rate is None:
+        rate = interruption_rate(quote, now, since, tuning)
+    return _remainder(quote.spell_hours, _age(quote, now), up_share / rate, tuning)
+
+
+def expected_outage_hours(
+    quote: PoolQuote, now: float, since: float | None, tuning: Tuning = DEFAULT_TUNING
+) -> float:
+    """Hours an outage of spot capacity in a pool is expected to go on, as above."""
+    down_share = 0.0 if quote.recent_availability is None else 1.0 - quote.recent_availability
+    mean = down_share / interruption_rate(quote, now, since, tuning)
+    return _remainder(quote.outage_hours, _age(quote, now), mean, tuning)
+
+
+def _age(quote: PoolQuote, now: float) -> float:
+    """Hours since spot capacity in the pool last came or went (0 when unknown)."""
+    if quote.capacity_changed_at is None:
+        return 0.0
+    return max(0.0, (now - quote.capacity_changed_at) / SECONDS_PER_HOUR)
+
+
+def _remainder(record: tuple[float, ...], age: float, mean: float, tuning: Tuning) -> float:
+    """The ``spell_quantile`` of what is left of the recorded durations past ``age``."""
+    prior = max(mean, tuning.lindy_factor * age)
+    weighted = [(h - age, 1.0) for h in record if h > age]
+    weighted.append((prior, tuning.spell_prior_weight))
+    weighted.sort()
+    target = tuning.spell_quantile * sum(w for _, w in weighted)
+    seen = 0.0
+    for hours, w in weighted:
+        seen += w
+        if seen >= target:
+            return hours
+    return weighted[-1][0]
+
+
 def _usable_spot(quote: PoolQuote, price_cap: float | None) -> bool:
-    return (
-        quote.spot_available
-        and quote.spot_price is not None
-        and quote.spot_price <= max_price_for(quote, price_cap)
-    )
+    if not quote.spot_available or quote.spot_price is None:
+        return False
+    floor = quote.on_demand_price if price_cap is None else min(price_cap, quote.on_demand_price)
+    # The max price is never below that floor: only a dearer spot price needs the record.
+    return quote.spot_price <= floor or quote.spot_price <= max_price_for(quote, price_cap)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +328,8 @@ class _Ranked:
     cost_per_progress_hour: float
     startup_hours: float
     rate: float
+    moves: bool  # starting here moves the volume to another AZ
+    spot_hours: float  # expected_spot_hours of the pool
 
 
 def _rank_spot_pools(
@@ -265,22 +346,21 @@ def _rank_spot_pools(
         moving = view.volume_az is not None and quote.pool.az != view.volume_az
         if current is not None and current.market is Market.SPOT and current.pool == quote.pool:
             startup = max(0.0, current.startup_hours - (now - current.started_at) / 3600.0)
+            moving = False
         else:
             startup = view.restart_overhead_hours + (
                 view.migration_overhead_hours if moving else 0.0
             )
         # Each expected interruption costs a restart; the first start is paid once,
-        # spread over the shorter of the work left and the expected spot lifetime.
-        stay = 1.0 / rate
-        if quote.capacity_changed_at is not None and tuning.lindy_factor > 0.0:
-            # Capacity that has lasted long tends to last (heavy-tailed spells).
-            up_for = max(0.0, (now - quote.capacity_changed_at) / SECONDS_PER_HOUR)
-            stay = max(stay, tuning.lindy_factor * up_for)
+        # spread over the shorter of the work left and how long the capacity is
+        # expected to last by the pool's spell record.
+        spot_hours = expected_spot_hours(quote, now, view.history_since, tuning, rate)
+        stay = max(view.recheck_hours, spot_hours)
         if remaining_hours is not None:
             stay = min(stay, max(remaining_hours, view.recheck_hours))
         waste = rate * view.restart_overhead_hours + startup / stay
         useful = max(1e-6, 1.0 - min(0.999, waste))
-        ranked.append(_Ranked(quote, price / useful, startup, rate))
+        ranked.append(_Ranked(quote, price / useful, startup, rate, moving, spot_hours))
     ranked.sort(key=lambda r: (r.cost_per_progress_hour, r.quote.pool.az))
     if tuning.home_by_availability and view.volume_az is None:
         # The first start picks the job's home AZ, where it will wait out outages:
@@ -311,25 +391,59 @@ def decide_placement(view: PlacementView, now: float, tuning: Tuning = DEFAULT_T
     remaining: float | None = None
     if view.total_work_hours is not None:
         remaining = max(0.0, view.total_work_hours - view.work_done_hours)
+    current = view.current
+    if (
+        current is not None
+        and current.market is Market.SPOT
+        and remaining is not None
+        and view.deadline is not None
+        and len(view.pools) == 1
+        and view.pools[0].pool == current.pool
+        and _usable_spot(view.pools[0], view.price_cap)
+    ):
+        # The one pool there is, still with capacity: nothing to compare (the full
+        # ranking below would keep it too; this is the common case, kept cheap).
+        return Spot(
+            current.pool,
+            max_price_for(view.pools[0], view.price_cap),
+            "keep the running spot instance",
+        )
+    if view.volume_az is None:
+        home = _first_home(view)
+        if home is not None:
+            # The first start creates the volume at home, as if it were already there.
+            view = replace(view, volume_az=home)
     ranked = _rank_spot_pools(view, now, remaining, tuning)
     on_demand = _on_demand_quote(view)
     od_fallbacks = _fallbacks(sorted(view.pools, key=lambda q: q.on_demand_price), on_demand.pool)
-    spot_fallbacks = [r.quote for r in ranked]
-    current = view.current
 
     if remaining is None or view.deadline is None:
+        ranked = [r for r in ranked if not r.moves or _move_pays(view, r, None, now, tuning)]
         return _price_only(view, now, ranked, on_demand, od_fallbacks)
 
     d = view.restart_overhead_hours
     left = (view.deadline - now) / SECONDS_PER_HOUR
     on_od_now = current is not None and current.market is Market.ON_DEMAND
     on_spot_now = current is not None and current.market is Market.SPOT
+    if on_od_now and not ranked:
+        return OnDemand(on_demand.pool, "keep on-demand until spot pays again", od_fallbacks)
     # Raw slack: time left minus work left. Starting on-demand costs d of it.
     slack = left - remaining
     if on_od_now and current is not None:
         od_startup = max(0.0, current.startup_hours - (now - current.started_at) / 3600.0)
     else:
         od_startup = d
+    home_quote = _home_quote(view, ranked)
+    home_rate = next((r.rate for r in ranked if r.quote is home_quote), None)
+    share = _reserve_share(view, home_quote, now, tuning, home_rate)
+    reserve = share * left
+    excess = slack - reserve
+    ranked = [
+        r
+        for r in ranked
+        if not r.moves or _move_pays(view, r, remaining, now, tuning, excess, share)
+    ]
+    spot_fallbacks = [r.quote for r in ranked]
 
     # Riding a spot instance that still has capacity costs no slack: keep it, unless
     # another pool is so much cheaper that moving pays (price-driven moves only).
@@ -344,9 +458,6 @@ def decide_placement(view: PlacementView, now: float, tuning: Tuning = DEFAULT_T
                     "keep the running spot instance",
                     _fallbacks(spot_fallbacks, current.pool),
                 )
-
-    reserve = _reserve_share(view, _home_quote(view, ranked), now, tuning) * left
-    excess = slack - reserve
 
     if ranked:
         best = ranked[0]
@@ -386,14 +497,18 @@ def decide_placement(view: PlacementView, now: float, tuning: Tuning = DEFAULT_T
 
 
 def _reserve_share(
-    view: PlacementView, quote: PoolQuote | None, now: float, tuning: Tuning
+    view: PlacementView,
+    quote: PoolQuote | None,
+    now: float,
+    tuning: Tuning,
+    rate: float | None = None,
 ) -> float:
     """Share of the time left to keep as slack.
 
     Uniform Progress keeps slack0 / window: it expects spot for W / window of the time
     left. We keep less when the pool's recent availability says spot will carry more
     of the work, and less again when few restarts are to be paid for: slack is spent
-    on restarts (a restart's worth per interruption, a move's too with several AZs)
+    on restarts (a restart's worth per interruption; a move prices its own slack)
     and on waiting; the reserve is what the interruptions expected in the time left
     will cost, times ``restart_reserve_factor``, but never below ``reserve_floor`` of
     Uniform Progress's share (waiting out outages is what slack buys) nor above it.
@@ -405,7 +520,8 @@ def _reserve_share(
             uniform = max(0.0, 1.0 - view.total_work_hours / window)
     if quote is None:
         return tuning.reserve_factor * uniform
-    rate = interruption_rate(quote, now, view.history_since, tuning)
+    if rate is None:
+        rate = interruption_rate(quote, now, view.history_since, tuning)
     share = uniform
     if quote.recent_availability is not None:
         expected = quote.recent_availability * (1.0 - rate * view.restart_overhead_hours)
@@ -416,12 +532,58 @@ def _reserve_share(
             uniform, 1.0 - expected
         )
     if tuning.restart_reserve_factor >= 0.0:
-        per_restart = view.restart_overhead_hours
-        if len({q.pool.az for q in view.pools}) > 1:
-            per_restart += tuning.reserve_move_share * view.migration_overhead_hours
-        restarts = tuning.restart_reserve_factor * rate * per_restart
+        restarts = tuning.restart_reserve_factor * rate * view.restart_overhead_hours
         share = min(share, max(tuning.reserve_floor * uniform, restarts))
     return tuning.reserve_factor * share
+
+
+def _move_pays(
+    view: PlacementView,
+    ranked: _Ranked,
+    remaining: float | None,
+    now: float,
+    tuning: Tuning,
+    excess: float = math.inf,
+    share: float = 0.0,
+) -> bool:
+    """Whether the spot time a move is expected to buy pays for the move.
+
+    Gain: each hour of spot saves the on-demand price less the spot price; how many
+    hours, the target pool's spell record says (:func:`expected_spot_hours`), never
+    more than the work left. A move out of a home with more capacity is an
+    excursion: it buys spot only until home has it again (the home's outage record,
+    :func:`expected_outage_hours`), and pays ``excursion_trips`` moves (out and
+    back). Cost: the move's startup (restart plus volume move) is billed without
+    progress and spends as much slack, which a later outage buys back on on-demand,
+    so it costs its hours at the on-demand price. Slack the move takes from below
+    the reserve is dearer: behind the reserve, the policy earns slack back only on
+    on-demand, at ``share`` hours per hour, so each such hour costs 1 / share hours
+    at the on-demand premium.
+    """
+    quote = ranked.quote
+    spot = quote.spot_price if quote.spot_price is not None else quote.on_demand_price
+    premium = quote.on_demand_price - spot
+    hours = ranked.spot_hours
+    if remaining is not None:
+        hours = min(hours, remaining)
+    trips = 1.0
+    home = next((q for q in view.pools if q.pool.az == view.volume_az), None)
+    if (
+        home is not None
+        and home.recent_availability is not None
+        and (quote.recent_availability or 0.0) < home.recent_availability
+    ):
+        trips = tuning.excursion_trips
+        # An excursion buys spot only until home has it again.
+        outage = 0.0
+        if not _usable_spot(home, view.price_cap):
+            outage = expected_outage_hours(home, now, view.history_since, tuning)
+        hours = min(hours, outage)
+    cost = quote.on_demand_price * ranked.startup_hours * trips
+    if share > 0.0:
+        extra = trips * (ranked.startup_hours - view.restart_overhead_hours)
+        cost += max(0.0, extra - max(0.0, excess)) / share * premium
+    return premium * hours >= cost
 
 
 def _wait_for_home(
@@ -457,6 +619,14 @@ def _leave_on_demand(
     age = 0.0 if since is None else (now - since) / SECONDS_PER_HOUR
     # The tick about to start counts: spot seen now is spot for at least that long.
     return age + view.recheck_hours + 1e-9 >= tuning.leave_on_demand_min_age_restarts * d
+
+
+def _first_home(view: PlacementView) -> str | None:
+    """The AZ spot has been in most by the recent record, where the job's volume goes."""
+    known = [q for q in view.pools if q.recent_availability is not None]
+    if len({q.pool.az for q in view.pools}) < 2 or not known:
+        return None
+    return max(known, key=lambda q: (q.recent_availability or 0.0, q.spot_available)).pool.az
 
 
 def _home_quote(view: PlacementView, ranked: list[_Ranked]) -> PoolQuote | None:

@@ -28,6 +28,7 @@ import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from pathlib import Path
 
 from chalicelib import policy
@@ -114,19 +115,30 @@ def start_ticks(trace_len: int, starts: int) -> list[int]:
     return [(k * trace_len) // starts for k in range(max(1, starts))]
 
 
+def availability_rows(traces: Sequence[Trace]) -> list[tuple[bool, ...]]:
+    """Spot availability per tick, one flag per AZ (True = available)."""
+    flags = zip(*(t.unavailable for t in traces), strict=True)
+    return [tuple(not f for f in row) for row in flags]
+
+
 def simulate_run(
     traces: Sequence[Trace],
     job: JobSpec,
     chooser: Policy,
     start: int,
     timeline: list[tuple[Kind, int]] | None = None,
+    rows: Sequence[tuple[bool, ...]] | None = None,
 ) -> RunResult:
-    """Run one job from tick ``start`` to completion (or the deadline) and bill it."""
+    """Run one job from tick ``start`` to completion (or the deadline) and bill it.
+
+    ``rows`` is :func:`availability_rows` of ``traces``, when the caller has it.
+    """
     gap = traces[0].gap_seconds / 3600.0
     n = len(traces[0].unavailable)
     d = job.restart_overhead_hours
     m = job.migration_overhead_hours
-    flags = [t.unavailable for t in traces]
+    if rows is None:
+        rows = availability_rows(traces)
     chooser.reset(start)
     done = 0.0
     cost = 0.0
@@ -144,8 +156,7 @@ def simulate_run(
     tick = 0
     t = 0.0
     while t < job.deadline_hours - _EPS:
-        idx = (start + tick) % n
-        available = tuple(not f[idx] for f in flags)
+        available = rows[(start + tick) % n]
         if kind is Kind.SPOT and not available[az]:
             interruptions += 1
             kind = Kind.NONE
@@ -242,12 +253,9 @@ class SpotctlPolicy:
         self._history_hours = history_hours
         self._pools = tuple(policy.Pool(INSTANCE_TYPE, t.az) for t in traces)
         # Prefix sums of available ticks over two laps, for O(1) window shares.
-        self._prefix: list[list[int]] = []
-        for t in traces:
-            acc = [0]
-            for flag in t.unavailable + t.unavailable:
-                acc.append(acc[-1] + (0 if flag else 1))
-            self._prefix.append(acc)
+        self._prefix: list[list[int]] = [
+            list(accumulate((not flag for flag in t.unavailable * 2), initial=0)) for t in traces
+        ]
         self._index = {p: i for i, p in enumerate(self._pools)}
         self._deadline = EPOCH0 + job.deadline_hours * 3600.0
         self.reset(0)
@@ -256,12 +264,17 @@ class SpotctlPolicy:
         self._start_offset = start_tick
         self._interruptions: list[list[policy.Interruption]] = [[] for _ in self._traces]
         self._frozen: list[tuple[policy.Interruption, ...]] = [() for _ in self._traces]
+        self._spells: list[list[float]] = [[] for _ in self._traces]
+        self._frozen_spells: list[tuple[float, ...]] = [() for _ in self._traces]
+        self._outages: list[list[float]] = [[] for _ in self._traces]
+        self._frozen_outages: list[tuple[float, ...]] = [() for _ in self._traces]
         self._since: list[float | None] = [None for _ in self._traces]
         self._was_available: list[bool] | None = None
         self._history_start = EPOCH0
 
     def _observe(self, state: TickState) -> None:
-        """Record capacity interruptions per pool, as the fleet's history would."""
+        """Record capacity interruptions, spells and outages per pool, as the fleet's
+        history would."""
         now = EPOCH0 + state.elapsed_hours * 3600.0
         if self._was_available is None:
             self._warm_up(state)
@@ -269,13 +282,28 @@ class SpotctlPolicy:
         assert prev is not None
         for i, avail in enumerate(state.available):
             if prev[i] and not avail:
-                self._interruptions[i].append(
-                    policy.Interruption(now, policy.InterruptionCause.CAPACITY)
-                )
-                self._frozen[i] = tuple(self._interruptions[i])
+                self._interrupted(i, now)
+            if avail and not prev[i]:
+                self._came_back(i, now)
             if avail != prev[i]:
                 self._since[i] = now
         self._was_available = list(state.available)
+
+    def _interrupted(self, i: int, at: float) -> None:
+        """Record that spot capacity in pool ``i`` went away at ``at``."""
+        self._interruptions[i].append(policy.Interruption(at, policy.InterruptionCause.CAPACITY))
+        self._frozen[i] = tuple(self._interruptions[i])
+        came = self._since[i]
+        if came is not None:
+            self._spells[i].append((at - came) / 3600.0)
+            self._frozen_spells[i] = tuple(self._spells[i])
+
+    def _came_back(self, i: int, at: float) -> None:
+        """Record that spot capacity in pool ``i`` came back at ``at``."""
+        went = self._since[i]
+        if went is not None:
+            self._outages[i].append((at - went) / 3600.0)
+            self._frozen_outages[i] = tuple(self._outages[i])
 
     def _warm_up(self, state: TickState) -> None:
         """Give the policy the history recorded before this job started."""
@@ -290,14 +318,13 @@ class SpotctlPolicy:
                 avail = not trace.unavailable[(start + k) % n]
                 at = EPOCH0 + k * gap * 3600.0
                 if prev_avail and not avail:
-                    self._interruptions[i].append(
-                        policy.Interruption(at, policy.InterruptionCause.CAPACITY)
-                    )
+                    self._interrupted(i, at)
+                if avail and not prev_avail:
+                    self._came_back(i, at)
                 if avail != prev_avail:
                     self._since[i] = at
                 prev_avail = avail
             was.append(prev_avail)
-            self._frozen[i] = tuple(self._interruptions[i])
         self._was_available = was
         self._history_start = EPOCH0 - ticks * gap * 3600.0
 
@@ -319,6 +346,8 @@ class SpotctlPolicy:
                 spot_available=state.available[i],
                 capacity_changed_at=self._since[i],
                 recent_availability=self._recent_share(i, state),
+                spell_hours=self._frozen_spells[i],
+                outage_hours=self._frozen_outages[i],
             )
             for i, pool in enumerate(self._pools)
         )
@@ -386,9 +415,10 @@ def simulate(
         raise ValueError("traces of one region must have the same length and gap")
     used = traces if policy_name == "spotctl" else traces[:1]
     chooser = factory(policy_name, used, job)
+    rows = availability_rows(used)
     runs = []
     for start in start_ticks(len(traces[0].unavailable), starts):
-        runs.append(simulate_run(used, job, chooser, start))
+        runs.append(simulate_run(used, job, chooser, start, rows=rows))
     costs = [r.normalized_cost for r in runs]
     return Summary(
         policy=policy_name,

@@ -17,6 +17,7 @@ from chalicelib.policy import (
     Spot,
     Wait,
     decide_placement,
+    expected_spot_hours,
     interruption_rate,
     max_price_for,
     migration_overhead_hours,
@@ -72,8 +73,13 @@ def interrupted(times: int) -> tuple[Interruption, ...]:
     """``times`` capacity interruptions spread over the last day."""
     return tuple(
         Interruption(NOW - (k + 0.5) * 24 * H / times, InterruptionCause.CAPACITY)
-        for k in range(times)
+        for k in reversed(range(times))
     )
+
+
+# Spell records (hours of capacity before each interruption) of two kinds of pool.
+LONG_SPELLS = (3.0, 5.0, 8.0, 12.0, 20.0)
+SHORT_SPELLS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,170 @@ ROWS = [
         B,
     ),
     Row(
+        "home outage long, a move's worth of spot in another AZ by its spell record: move",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(
+                quote(A, None, capacity_changed_at=NOW - 3 * H),
+                quote(B, capacity_changed_at=NOW - 2 * H, spell_hours=LONG_SPELLS),
+            ),
+        ),
+        Spot,
+        B,
+    ),
+    Row(
+        "home outage long, other AZ's spell young and its spells short: no move",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(
+                quote(A, None, capacity_changed_at=NOW - 3 * H),
+                quote(B, capacity_changed_at=NOW - 0.05 * H, spell_hours=SHORT_SPELLS),
+            ),
+        ),
+        Wait,
+    ),
+    Row(
+        "on-demand at home, other AZ's spell long: leave on-demand with a move",
+        view(
+            done=30.0,
+            left=30.0,
+            current=on(A, Market.ON_DEMAND),
+            pools=(
+                quote(A, None, capacity_changed_at=NOW - 3 * H),
+                quote(B, capacity_changed_at=NOW - 2 * H, spell_hours=LONG_SPELLS),
+            ),
+        ),
+        Spot,
+        B,
+    ),
+    Row(
+        "on-demand at home, other AZ's spell young and its spells short: stay on-demand",
+        view(
+            done=30.0,
+            left=30.0,
+            current=on(A, Market.ON_DEMAND),
+            pools=(
+                quote(A, None, capacity_changed_at=NOW - 3 * H),
+                quote(B, capacity_changed_at=NOW - 0.05 * H, spell_hours=SHORT_SPELLS),
+            ),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "behind the reserve, a move would take slack only on-demand earns back: no move",
+        view(
+            done=10.0,
+            left=40.5,
+            pools=(
+                quote(A, None, capacity_changed_at=NOW - 3 * H, interruptions=interrupted(36)),
+                quote(
+                    B,
+                    capacity_changed_at=NOW - 0.5 * H,
+                    spell_hours=SHORT_SPELLS,
+                    interruptions=interrupted(36),
+                ),
+            ),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "move would pay but a preemption after it could not finish on-demand: on-demand",
+        view(
+            done=10.0,
+            left=38.5,
+            pools=(
+                quote(A, None, capacity_changed_at=NOW - 3 * H),
+                quote(B, capacity_changed_at=NOW - 20 * H, spell_hours=LONG_SPELLS),
+            ),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "excursion from a home with more capacity must pay the way back: no move",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(
+                quote(A, None, capacity_changed_at=NOW - 3 * H, recent_availability=0.9),
+                quote(
+                    B,
+                    capacity_changed_at=NOW - 0.3 * H,
+                    spell_hours=(0.3, 0.5, 0.7, 0.9, 1.1),
+                    recent_availability=0.4,
+                ),
+            ),
+        ),
+        Wait,
+    ),
+    Row(
+        "first start, home (most capacity) has no spot, other AZ's spell young: wait for home",
+        view(
+            volume_az=None,
+            pools=(
+                quote(A, None, recent_availability=0.9),
+                quote(
+                    B,
+                    capacity_changed_at=NOW - 0.05 * H,
+                    spell_hours=SHORT_SPELLS,
+                    recent_availability=0.3,
+                ),
+            ),
+        ),
+        Wait,
+    ),
+    Row(
+        "excursion from home, home's outages by its record end soon: wait for home",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(
+                quote(
+                    A,
+                    None,
+                    capacity_changed_at=NOW - 0.3 * H,
+                    recent_availability=0.9,
+                    outage_hours=(0.4, 0.5, 0.5, 0.6, 0.6),
+                ),
+                quote(
+                    B,
+                    capacity_changed_at=NOW - 2 * H,
+                    spell_hours=LONG_SPELLS,
+                    recent_availability=0.5,
+                ),
+            ),
+        ),
+        Wait,
+    ),
+    Row(
+        "excursion from home, home's outages by its record last hours: move",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(
+                quote(
+                    A,
+                    None,
+                    capacity_changed_at=NOW - 0.3 * H,
+                    recent_availability=0.9,
+                    outage_hours=(4.0, 6.0, 8.0, 10.0, 12.0),
+                ),
+                quote(
+                    B,
+                    capacity_changed_at=NOW - 2 * H,
+                    spell_hours=LONG_SPELLS,
+                    recent_availability=0.5,
+                ),
+            ),
+        ),
+        Spot,
+        B,
+    ),
+    Row(
         "two AZs with spot: the one with fewer recorded interruptions",
         view(
             volume_az=None,
@@ -209,7 +379,8 @@ ROWS = [
                 quote(
                     A,
                     interruptions=tuple(
-                        Interruption(NOW - k * H, InterruptionCause.CAPACITY) for k in range(1, 9)
+                        Interruption(NOW - k * H, InterruptionCause.CAPACITY)
+                        for k in range(8, 0, -1)
                     ),
                 ),
                 quote(B),
@@ -305,7 +476,7 @@ def test_chosen_spot_carries_its_max_price_and_fallback_pools() -> None:
 
 
 def test_on_demand_runs_in_the_volumes_az() -> None:
-    v = view(done=10.0, left=40.0, volume_az="us-east-1b", pools=(quote(A, None), quote(B, None)))
+    v = view(done=10.0, left=39.0, volume_az="us-east-1b", pools=(quote(A, None), quote(B, None)))
     placement = decide_placement(v, NOW)
     assert isinstance(placement, OnDemand)
     assert placement.pool == B
@@ -317,7 +488,7 @@ def test_recorded_interruptions_raise_the_expected_rate() -> None:
     busy = replace(
         calm,
         interruptions=tuple(
-            Interruption(NOW - k * H, InterruptionCause.CAPACITY) for k in range(1, 7)
+            Interruption(NOW - k * H, InterruptionCause.CAPACITY) for k in range(6, 0, -1)
         ),
     )
     since = NOW - 24 * H
@@ -333,3 +504,41 @@ def test_migration_time_grows_with_the_volume_and_s3_restore_can_be_faster() -> 
     assert migration_overhead_hours(80) == pytest.approx(0.25)
     assert migration_overhead_hours(800) > migration_overhead_hours(80)
     assert migration_overhead_hours(800, checkpoint_gib=30) < migration_overhead_hours(800)
+
+
+@pytest.mark.parametrize(
+    ("situation", "spells", "age", "low", "high"),
+    [
+        ("no record: one interruption-rate lifetime", (), 0.0, 15.9, 16.1),
+        ("young spell, short record: the short remainders", SHORT_SPELLS, 0.05, 0.1, 0.3),
+        ("spell older than every recorded one: at least its age", SHORT_SPELLS, 2.0, 2.0, 16.1),
+        (
+            "long record, spell of 4 h: the median of the longer ones' remainders",
+            LONG_SPELLS,
+            4,
+            4,
+            8,
+        ),
+    ],
+)
+def test_expected_spot_hours_reads_the_spell_record(
+    situation: str, spells: tuple[float, ...], age: float, low: float, high: float
+) -> None:
+    q = quote(capacity_changed_at=NOW - age * H, spell_hours=spells)
+    assert low <= expected_spot_hours(q, NOW, NOW - 24 * H) <= high, situation
+
+
+def test_a_move_behind_the_reserve_pays_for_the_slack_on_demand_earns_back() -> None:
+    home = quote(A, None, capacity_changed_at=NOW - 3 * H, interruptions=interrupted(36))
+    other = quote(
+        B,
+        capacity_changed_at=NOW - 0.5 * H,
+        spell_hours=SHORT_SPELLS,
+        interruptions=interrupted(36),
+    )
+    behind = view(done=10.0, left=40.5, pools=(home, other))
+    ahead = view(done=10.0, left=47.0, pools=(home, other))
+    assert isinstance(decide_placement(behind, NOW), OnDemand)
+    placement = decide_placement(ahead, NOW)
+    assert isinstance(placement, Spot)
+    assert placement.pool == B
