@@ -2,6 +2,18 @@
 
 Thin on purpose: each entry point parses its input, calls one thing in
 ``chalicelib``, and maps domain errors to HTTP errors.
+
+Every interruption warning reaches two handlers (two EventBridge targets):
+``on_interruption_warning`` at once, one job per invocation (the fast path for the
+ordinary, lone warning), and ``on_interruption_warning_batch`` through an SQS queue, in
+batches gathered over a few seconds (the storm path: one RunInstances per pool,
+chalicelib.batch). While a storm is on (the batch handler saw 10+ warnings in one
+delivery, chalicelib.batch.StormSignal) the fast path leaves every warning to the
+queue. They coexist without double launches: the batch skips a job whose warned
+instance another path already replaced, and when both plan the same job at the same
+moment, the job record's version condition lets one of them write the new attempt; the
+per-job path writes it before its RunInstances, the batch terminates an instance no job
+took. The queue is also the second chance for a warning the fast path failed on.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ from chalice.app import (
     Rate,
     Request,
     Response,
+    SQSEvent,
     UnauthorizedError,
 )
 from pydantic import BaseModel, ValidationError
@@ -50,6 +63,15 @@ app = Chalice(app_name="spotctl")
 # Read at import because `chalice package` renders the authorizers into the template;
 # .chalice/config.json sets SPOTCTL_AUTH=iam on the deployed stages.
 _USER_AUTH = IAMAuthorizer() if os.environ.get("SPOTCTL_AUTH", "").lower() == "iam" else None
+
+# The queue EventBridge puts interruption warnings on (infra/resources.yaml), per stage.
+_WARNINGS_QUEUE = os.environ.get("SPOTCTL_WARNINGS_QUEUE", "spotctl-dev-interruption-warnings")
+# Up to 100 warnings per invocation, gathered for up to 5 s: a storm's warnings of one
+# pool share a RunInstances, a lone warning waits 5 s more (the fast path has it already).
+WARNINGS_BATCH_SIZE = 100
+WARNINGS_BATCHING_WINDOW_SECONDS = 5
+# Two invocations at most: more would only compete for RunInstances tokens.
+WARNINGS_MAX_CONCURRENCY = 2
 
 # Routes anyone may call: the API's description, and the agent's reports (which the
 # job's own secret authorises, in chalicelib.service).
@@ -182,13 +204,29 @@ def _parse_event(model: type[E], event: CloudWatchEvent) -> E | None:
         return None
 
 
+def _parse_message(model: type[E], body: str) -> E | None:
+    """An EventBridge event that SQS carried as a message body."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        logger.warning("ignoring malformed message", extra={"error": str(exc)})
+        return None
+
+
 def _reconcile_instance(
-    instance_id: str, signal: Callable[[Any, float], Any] | None = None
+    instance_id: str,
+    signal: Callable[[Any, float], Any] | None = None,
+    left_elsewhere: Callable[[], bool] | None = None,
 ) -> None:
+    """Reconcile the instance's job, unless ``left_elsewhere()`` says another handler
+    has it (asked only for an instance of ours)."""
     plane = runtime.control_plane()
     job_id = plane.store.job_id_for_instance(instance_id)
     if job_id is None:
         logger.info("event for an instance that is not ours", extra={"instance_id": instance_id})
+        return
+    if left_elsewhere is not None and left_elsewhere():
+        logger.info("left to another handler", extra={"job_id": job_id, "instance_id": instance_id})
         return
     logger.append_keys(job_id=job_id, instance_id=instance_id)
     try:
@@ -200,9 +238,55 @@ def _reconcile_instance(
 @app.on_cw_event(events.INTERRUPTION_WARNING_PATTERN, name="on_interruption_warning")
 def on_interruption_warning(event: CloudWatchEvent) -> None:
     parsed = _parse_event(events.InterruptionWarning, event)
-    if parsed is not None:
-        instance_id = parsed.detail.instance_id
-        _reconcile_instance(instance_id, reconcile.note_warning(instance_id))
+    if parsed is None:
+        return
+    instance_id = parsed.detail.instance_id
+    from chalicelib import batch  # noqa: PLC0415 - kept off the other handlers' cold start
+
+    def in_a_storm() -> bool:
+        # The queue has this warning too: in a storm the batch handler launches for it.
+        plane = runtime.control_plane()
+        return batch.storm_for(plane).is_on(plane.reconciler.clock())
+
+    _reconcile_instance(instance_id, reconcile.note_warning(instance_id), in_a_storm)
+
+
+@app.on_sqs_message(
+    queue=_WARNINGS_QUEUE,
+    batch_size=WARNINGS_BATCH_SIZE,
+    maximum_batching_window_in_seconds=WARNINGS_BATCHING_WINDOW_SECONDS,
+    maximum_concurrency=WARNINGS_MAX_CONCURRENCY,
+    name="on_interruption_warning_batch",
+)
+def on_interruption_warning_batch(event: SQSEvent) -> dict[str, list[dict[str, str]]]:
+    """Interruption warnings in bulk (EventBridge -> SQS). Returns the messages to deliver
+    again (the event source mapping reports batch item failures); an error that is not
+    one job's (the table unreachable) is raised, and the whole batch comes again."""
+    message_ids: dict[str, list[str]] = {}
+    for record in event:
+        message_id = str(record.to_dict()["messageId"])
+        parsed = _parse_message(events.InterruptionWarning, record.body)
+        if parsed is not None:
+            message_ids.setdefault(parsed.detail.instance_id, []).append(message_id)
+    if not message_ids:
+        return {"batchItemFailures": []}
+    from chalicelib import batch  # noqa: PLC0415 - only this handler and the sweep need it
+
+    outcome = batch.recovery_for(runtime.control_plane()).recover(list(message_ids))
+    logger.info(
+        "interruption warnings recovered",
+        extra={
+            "warnings": len(message_ids),
+            "batched": len(outcome.launched),
+            "one_by_one": len(outcome.one_by_one),
+            "already_replaced": len(outcome.already_replaced),
+            "surplus": len(outcome.surplus),
+            "retry": len(outcome.retry),
+            "run_instances_calls": outcome.run_instances_calls,
+        },
+    )
+    failed = sorted({m for instance_id in outcome.retry for m in message_ids[instance_id]})
+    return {"batchItemFailures": [{"itemIdentifier": m} for m in failed]}
 
 
 @app.on_cw_event(events.REBALANCE_PATTERN, name="on_rebalance_recommendation")
@@ -222,14 +306,16 @@ def on_instance_state_change(event: CloudWatchEvent) -> None:
 
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="sweep")
 def sweep(event: Any) -> dict[str, int]:
-    """Visit every live job: progress never depends on an event arriving."""
+    """Visit every live job: progress never depends on an event arriving. Then end the
+    batch instances no job took (a batch handler that died and was not retried)."""
     plane = runtime.control_plane()
-    visited = failed = 0
-    for job_id in plane.store.live_job_ids():
-        visited += 1
-        try:
-            plane.reconciler.reconcile(job_id)
-        except Exception:
-            failed += 1
-            logger.exception("sweep could not reconcile job", extra={"job_id": job_id})
-    return {"visited": visited, "failed": failed}
+    reaped = 0
+    visited, failed = plane.reconciler.sweep(plane.store.live_job_ids())
+    from chalicelib import batch  # noqa: PLC0415 - kept off the other handlers' cold start
+
+    try:
+        reaped = len(batch.recovery_for(plane).reap())
+    except Exception:
+        failed += 1
+        logger.exception("sweep could not reap batch instances")
+    return {"visited": visited, "failed": failed, "reaped": reaped}

@@ -36,7 +36,10 @@ from spotctl.sandbox.throttle import EC2_LIMITS, MUTATING, RUN_INSTANCES, Ec2Thr
 
 RESULTS = Path(__file__).parent / "results"
 NOTICE_SPREAD_SECONDS = 120.0
+NOTICE_SECONDS = 120.0  # EC2's two-minute interruption notice
+DETACH_SECONDS = 10.0
 STEP_SECONDS = 1.0
+MAX_BATCH = 100  # chalicelib.batch.MAX_BATCH, not imported: the per-job run never loads it
 
 
 def storm(jobs: int, strategy: str, limit_seconds: float) -> dict[str, Any]:
@@ -46,27 +49,66 @@ def storm(jobs: int, strategy: str, limit_seconds: float) -> dict[str, Any]:
         return not (batched and name == "on_interruption_warning")
 
     started = time.perf_counter()
-    with World(detach_seconds=10.0, handlers=wanted) as world:
+    with World(detach_seconds=DETACH_SECONDS, handlers=wanted) as world:
         job_instances = world.submit_running(jobs)
         old = set(job_instances.values())
         queue: list[str] = []
         if batched:
-            from chalicelib import runtime
-            from chalicelib.batch import BatchLog, BatchRecovery
+            # As deployed: EventBridge puts each warning on the SQS queue; the event source
+            # mapping invokes app.py's on_interruption_warning_batch with up to
+            # WARNINGS_BATCH_SIZE messages once the oldest has waited the batching window
+            # (or the batch is full); the handler renders the real batch user data, and the
+            # messages it reports failed come back. Held messages go back to the queue.
+            from dataclasses import dataclass
 
-            plane = runtime.control_plane()
-            recovery = BatchRecovery(
-                plane.reconciler,
-                BatchLog(plane.store._client, plane.config.table_name),
-                lambda token: f"#!/bin/bash\n# spotctl batch {token}\n",
-            )
+            from app import WARNINGS_BATCH_SIZE, WARNINGS_BATCHING_WINDOW_SECONDS
+            from spotctl.sandbox.events import LambdaContext
+
+            handler = world.app.handler_map["on_interruption_warning_batch"]
+
+            @dataclass
+            class Delivered:
+                retry: list[str]  # message bodies to deliver again (or not yet)
+
+            class SqsDelivery:
+                def __init__(self) -> None:
+                    self.since: dict[str, float] = {}  # body -> when it was first queued
+
+                def recover(self, bodies: list[str]) -> Delivered:
+                    now = world.clock.now()
+                    for body in bodies:
+                        self.since.setdefault(body, now)
+                    oldest = min(self.since[b] for b in bodies)
+                    if (
+                        len(bodies) < WARNINGS_BATCH_SIZE
+                        and now - oldest < WARNINGS_BATCHING_WINDOW_SECONDS
+                    ):
+                        return Delivered(bodies)
+                    again: list[str] = []
+                    for start in range(0, len(bodies), WARNINGS_BATCH_SIZE):
+                        chunk = bodies[start : start + WARNINGS_BATCH_SIZE]
+                        records = [
+                            {"messageId": f"m-{n}", "receiptHandle": f"m-{n}", "body": body}
+                            for n, body in enumerate(chunk)
+                        ]
+                        answer = handler(
+                            {"Records": records}, LambdaContext("on_interruption_warning_batch")
+                        )
+                        failed = {f["itemIdentifier"] for f in answer["batchItemFailures"]}
+                        again += [b for n, b in enumerate(chunk) if f"m-{n}" in failed]
+                    for body in bodies:
+                        if body not in again:
+                            del self.since[body]
+                    return Delivered(again)
+
+            recovery = SqsDelivery()
             world.add_target(
                 EventTarget(
                     {
                         "source": ["aws.ec2"],
                         "detail-type": ["EC2 Spot Instance Interruption Warning"],
                     },
-                    lambda event: queue.append(event["detail"]["instance-id"]),
+                    lambda event: queue.append(json.dumps(event, default=str)),
                     "to-sqs",
                 )
             )
@@ -151,14 +193,24 @@ def _invariants(world: World, job_instances: dict[str, str]) -> dict[str, int]:
     return {"jobs_with_two_live_attempts": doubled, "live_instances_of_no_job": len(live - owned)}
 
 
-def floors(jobs: int) -> dict[str, float]:
-    """What the token buckets allow at best, from the first warning."""
+def floors(jobs: int, detach_seconds: float = DETACH_SECONDS) -> dict[str, float]:
+    """What the token buckets (and the warnings' own timing) allow at best, from the
+    first warning."""
     run = EC2_LIMITS[RUN_INSTANCES]
     mutating = EC2_LIMITS[MUTATING]
+    last_warning = NOTICE_SPREAD_SECONDS * (jobs - 1) / jobs if jobs else 0.0
+    # Batched: one RunInstances per MAX_BATCH warnings of a pool, far inside the bucket,
+    # so the last warning's arrival is the bound.
+    batch_calls = -(-jobs // MAX_BATCH)
+    batched = max(last_warning, max(0.0, batch_calls - run.burst) / run.refill_per_second)
     return {
         "per_job_run_instances_s": round(max(0.0, jobs - run.burst) / run.refill_per_second, 1),
+        "batched_run_instances_s": round(batched, 1),
         "attach_volumes_s": round(max(0.0, jobs - mutating.burst) / mutating.refill_per_second, 1),
         "warnings_spread_s": NOTICE_SPREAD_SECONDS,
+        # The last warned instance stops two minutes after its warning; its volume is
+        # free once the detach is done: no attach can come earlier.
+        "last_volume_free_s": round(last_warning + NOTICE_SECONDS + detach_seconds, 1),
     }
 
 

@@ -20,6 +20,7 @@ from chalicelib.models import Candidate, Pool
 
 if TYPE_CHECKING:
     from mypy_boto3_ec2 import EC2Client
+    from mypy_boto3_ec2.type_defs import PaginatorConfigTypeDef
 
 InstanceStateName = Literal[
     "pending", "running", "stopping", "stopped", "shutting-down", "terminated", "missing"
@@ -45,6 +46,15 @@ _BUSY_CODES = frozenset({"VolumeInUse", "IncorrectState", "InvalidVolume.NotFoun
 _MISSING_CODES = frozenset(
     {"InvalidVolume.NotFound", "InvalidInstanceID.NotFound", "InvalidSnapshot.NotFound"}
 )
+
+# Every instance and volume spotctl creates carries this tag (TagSpecifications at
+# creation, so it is there from the first moment EC2 shows the resource).
+JOB_TAG = "spotctl:job-id"
+# EC2 refuses more values than this in one filter.
+MAX_FILTER_VALUES = 200
+# The largest page DescribeInstances / DescribeVolumes serve.
+INSTANCES_PAGE = 1000
+VOLUMES_PAGE = 500
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,19 @@ def _raise_typed(exc: ClientError) -> None:
     raise Ec2Failure(code, message) from exc
 
 
+def _volume_view(volume: Any) -> VolumeView:
+    attachments = [a for a in volume.get("Attachments", []) if a.get("State") != "detached"]
+    attachment = attachments[0] if attachments else None
+    return VolumeView(
+        volume["VolumeId"],
+        volume["State"],
+        volume["AvailabilityZone"],
+        volume.get("Size", 0),
+        attachment.get("InstanceId") if attachment else None,
+        attachment.get("State") if attachment else None,
+    )
+
+
 def _tags(resource: str, tags: dict[str, str]) -> Any:
     return [{"ResourceType": resource, "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}]
 
@@ -114,9 +137,36 @@ class Ec2Gateway:
         if not ids:
             return {}
         views = {iid: InstanceView(iid, "missing") for iid in ids}
-        # A filter (not InstanceIds=) so an unknown id is simply absent, not an error.
+        for start in range(0, len(ids), MAX_FILTER_VALUES):
+            # A filter (not InstanceIds=) so an unknown id is simply absent, not an error.
+            chunk = ids[start : start + MAX_FILTER_VALUES]
+            views.update(self._instance_views([{"Name": "instance-id", "Values": chunk}]))
+        return views
+
+    def describe_instances_of_jobs(self, instance_ids: Iterable[str]) -> dict[str, InstanceView]:
+        """Like :meth:`describe_instances`, for many jobs at once (the sweep).
+
+        One paginated call by the job tag, up to 1,000 instances a page, however many
+        jobs there are; only asked ids the tag did not find (an instance spotctl did not
+        tag, or one EC2 forgot) are looked up by id.
+        """
+        ids = set(instance_ids)
+        if not ids:
+            return {}
+        tagged = self._instance_views(
+            [{"Name": "tag-key", "Values": [JOB_TAG]}], page_size=INSTANCES_PAGE
+        )
+        views = {iid: view for iid, view in tagged.items() if iid in ids}
+        views.update(self.describe_instances(ids - views.keys()))
+        return views
+
+    def _instance_views(
+        self, filters: Any, page_size: int | None = None
+    ) -> dict[str, InstanceView]:
+        views: dict[str, InstanceView] = {}
         paginator = self._client.get_paginator("describe_instances")
-        for page in paginator.paginate(Filters=[{"Name": "instance-id", "Values": ids}]):
+        config: PaginatorConfigTypeDef = {"PageSize": page_size} if page_size else {}
+        for page in paginator.paginate(Filters=filters, PaginationConfig=config):
             for reservation in page.get("Reservations", []):
                 for instance in reservation.get("Instances", []):
                     iid = instance["InstanceId"]
@@ -172,17 +222,37 @@ class Ec2Gateway:
         volumes = response.get("Volumes", [])
         if not volumes:
             return VolumeView(volume_id, "missing")
-        volume = volumes[0]
-        attachments = [a for a in volume.get("Attachments", []) if a.get("State") != "detached"]
-        attachment = attachments[0] if attachments else None
-        return VolumeView(
-            volume_id,
-            volume["State"],
-            volume["AvailabilityZone"],
-            volume.get("Size", 0),
-            attachment.get("InstanceId") if attachment else None,
-            attachment.get("State") if attachment else None,
+        return _volume_view(volumes[0])
+
+    def describe_volumes_of_jobs(self, volume_ids: Iterable[str]) -> dict[str, VolumeView]:
+        """Every asked volume's view (``missing`` if EC2 does not know it), for the sweep.
+
+        One paginated call by the job tag for the volumes spotctl created; the rest
+        (volumes a job adopted, which carry no tag of ours) by id, 200 a call.
+        """
+        ids = set(volume_ids)
+        if not ids:
+            return {}
+        tagged = self._volume_views(
+            [{"Name": "tag-key", "Values": [JOB_TAG]}], page_size=VOLUMES_PAGE
         )
+        views = {vid: view for vid, view in tagged.items() if vid in ids}
+        rest = sorted(ids - views.keys())
+        for start in range(0, len(rest), MAX_FILTER_VALUES):
+            chunk = rest[start : start + MAX_FILTER_VALUES]
+            views.update(self._volume_views([{"Name": "volume-id", "Values": chunk}]))
+        for vid in ids - views.keys():
+            views[vid] = VolumeView(vid, "missing")
+        return views
+
+    def _volume_views(self, filters: Any, page_size: int | None = None) -> dict[str, VolumeView]:
+        views: dict[str, VolumeView] = {}
+        paginator = self._client.get_paginator("describe_volumes")
+        config: PaginatorConfigTypeDef = {"PageSize": page_size} if page_size else {}
+        for page in paginator.paginate(Filters=filters, PaginationConfig=config):
+            for volume in page.get("Volumes", []):
+                views[volume["VolumeId"]] = _volume_view(volume)
+        return views
 
     def spot_prices(
         self, instance_types: Sequence[str], azs: Sequence[str] | None, now: float

@@ -1,7 +1,8 @@
 """The control loop: observe, ``decide`` (pure), act, write on the version we read.
 
-Every trigger (an EC2 event, an API call, the schedule sweep) ends in
-:meth:`Reconciler.reconcile`. A duplicate, late or missing event changes nothing:
+Every trigger (an EC2 event, an API call) ends in :meth:`Reconciler.reconcile`; the
+schedule sweep in :meth:`Reconciler.sweep`, the same pass for many jobs on one shared
+observation. A duplicate, late or missing event changes nothing:
 the next pass sees the same world and makes the same decision.
 
 ``decide(job, observed, now)`` is a pure function of the stored record, what EC2
@@ -16,8 +17,9 @@ replays the same request and EC2 returns the same instance.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from chalicelib import metrics, placement
 from chalicelib.ec2 import Ec2Gateway, InstanceView, LaunchSettings, VolumeView
@@ -46,6 +48,7 @@ from chalicelib.store import JobStore
 
 RETRY_LAUNCH_AFTER_SECONDS = 300.0  # WAITING: how long before the sweep tries again
 WARNED_INSTANCE_GRACE_SECONDS = 300.0  # a warned instance still alive after this is ours to end
+SWEEP_OBSERVATION_MAX_AGE_SECONDS = 30.0  # a sweep looks again at jobs not visited by then
 
 
 # -- what we observe ---------------------------------------------------------------
@@ -465,9 +468,42 @@ def note_rebalance(instance_id: str) -> Callable[[Job, float], Job]:
 # -- the executor ------------------------------------------------------------------
 
 
+def _instances_to_observe(job: Job) -> list[str]:
+    return [a.instance_id for a in job.attempts if a.instance_id and not a.ended]
+
+
+def _volume_to_observe(job: Job) -> str | None:
+    if job.state.is_terminal():
+        return None
+    return job.volume.volume_id if job.volume else job.spec.volume_id
+
+
+@dataclass(frozen=True)
+class SweepObservation:
+    """What a sweep's few describe calls showed, for all the jobs it visits."""
+
+    instances: Mapping[str, InstanceView]
+    volumes: Mapping[str, VolumeView]
+    at: float  # when it was looked up
+
+    def slice(self, job: Job) -> Observed:
+        """The job's part, exactly what :meth:`Reconciler._observe` would show."""
+        ids = _instances_to_observe(job)
+        volume_id = _volume_to_observe(job)
+        return Observed(
+            instances={iid: self.instances[iid] for iid in ids},
+            volume=self.volumes[volume_id] if volume_id is not None else None,
+        )
+
+
+class SweepOutcome(NamedTuple):
+    visited: int
+    failed: int
+
+
 @dataclass
 class Reconciler:
-    """Runs passes of the control loop for one job at a time."""
+    """Runs passes of the control loop: one job (``reconcile``) or all live ones (``sweep``)."""
 
     store: JobStore
     ec2: Ec2Gateway
@@ -488,17 +524,26 @@ class Reconciler:
 
     def _pass(self, job_id: str, signal: Callable[[Job, float], Job] | None) -> Job:
         self.calls = []
-        stored = read = self.store.get(job_id)
+        return self._pass_on(self.store.get(job_id), signal, self._observe, self._prices)
+
+    def _pass_on(
+        self,
+        stored: Job,
+        signal: Callable[[Job, float], Job] | None,
+        observe: Callable[[Job], Observed],
+        prices: Callable[[Job, float], Mapping[Pool, float]],
+    ) -> Job:
+        read = stored
         now = self.clock()
         job = signal(stored, now) if signal is not None else stored
         # Look up only what decide asks for: a recovery needs prices, not a describe.
         observed = Observed()
         decision = decide(job, observed, now)
         if decision.needs_observation:
-            observed = self._observe(job)
+            observed = observe(job)
             decision = decide(job, observed, now)
         if decision.needs_prices:
-            observed = replace(observed, prices=self._prices(job, now))
+            observed = replace(observed, prices=prices(job, now))
             decision = decide(job, observed, now)
         job = decision.job
 
@@ -512,25 +557,104 @@ class Reconciler:
 
         if job != stored or new_instances:
             job = self._save(job, now, new_instances)
-        metrics.publish(job_id, metrics.pass_metrics(read, job, now))
+        metrics.publish(job.job_id, metrics.pass_metrics(read, job, now))
         return job
+
+    def sweep(self, job_ids: Iterable[str]) -> SweepOutcome:
+        """Reconcile every job in ``job_ids``, observing them all with a few calls.
+
+        One paginated DescribeInstances and one DescribeVolumes for all the jobs (not
+        two calls per job, which at 1,000 jobs would outrun EC2's describe refill of 20
+        per second), spot prices once per instance types and zones; then each job is
+        decided on its slice of that observation and written on the version read. A
+        job written meanwhile (an event's pass) is reconciled again on its own, with
+        its own describes. A failure costs only that job its turn.
+        """
+        self.calls = []
+        stored: list[Job] = []
+        visited = failed = 0
+        for job_id in job_ids:
+            visited += 1
+            try:
+                stored.append(self.store.get(job_id))
+            except Exception:
+                failed += 1
+                logger.exception("sweep could not read job", extra={"job_id": job_id})
+        if not stored:
+            return SweepOutcome(visited, failed)
+        # Read first, observe after: whatever a record names already exists in EC2.
+        try:
+            observation = self._observe_many(stored)
+        except Exception:
+            # The next sweep (a minute later) or an event carries on.
+            logger.exception("sweep could not observe its jobs", extra={"jobs": len(stored)})
+            return SweepOutcome(visited, visited)
+        sweep_calls = self.calls
+        prices: dict[tuple[tuple[str, ...], tuple[str, ...] | None], Mapping[Pool, float]] = {}
+
+        def prices_once(job: Job, now: float) -> Mapping[Pool, float]:
+            zones = [job.volume.az] if job.volume else job.spec.availability_zones
+            key = (tuple(job.spec.instance_types), None if zones is None else tuple(zones))
+            if key not in prices:
+                prices[key] = self._prices(job, now)
+            return prices[key]
+
+        for index, job in enumerate(stored):
+            if self.clock() - observation.at > SWEEP_OBSERVATION_MAX_AGE_SECONDS:
+                # A long sweep (throttled calls back off) acts on what EC2 shows now.
+                self.calls = []
+                try:
+                    observation = self._observe_many(stored[index:])
+                except Exception:
+                    logger.exception("sweep could not observe its jobs again")
+                    return SweepOutcome(visited, failed + len(stored) - index)
+                finally:
+                    sweep_calls += self.calls
+            self.calls = []
+            try:
+                try:
+                    self._pass_on(job, None, observation.slice, prices_once)
+                except ConcurrentUpdate:
+                    # Written since the sweep read it: its own pass observes it afresh.
+                    sweep_calls += self.calls
+                    self.reconcile(job.job_id)
+            except Exception:
+                failed += 1
+                logger.exception("sweep could not reconcile job", extra={"job_id": job.job_id})
+            sweep_calls += self.calls
+        self.calls = sweep_calls
+        return SweepOutcome(visited, failed)
 
     def _save(self, job: Job, now: float, new_instances: Sequence[tuple[str, int]] = ()) -> Job:
         self.calls.append("dynamodb:Write")
         return self.store.save(job.model_copy(update={"updated_at": now}), new_instances)
 
     def _observe(self, job: Job) -> Observed:
-        ids = [a.instance_id for a in job.attempts if a.instance_id and not a.ended]
+        ids = _instances_to_observe(job)
         instances = {}
         if ids:
             self.calls.append("ec2:DescribeInstances")
             instances = self.ec2.describe_instances(ids)
-        volume_id = job.volume.volume_id if job.volume else job.spec.volume_id
+        volume_id = _volume_to_observe(job)
         volume = None
-        if volume_id is not None and not job.state.is_terminal():
+        if volume_id is not None:
             self.calls.append("ec2:DescribeVolumes")
             volume = self.ec2.describe_volume(volume_id)
         return Observed(instances=instances, volume=volume)
+
+    def _observe_many(self, jobs: Sequence[Job]) -> SweepObservation:
+        at = self.clock()
+        instance_ids = {iid for job in jobs for iid in _instances_to_observe(job)}
+        volume_ids = {vid for job in jobs if (vid := _volume_to_observe(job)) is not None}
+        instances: dict[str, InstanceView] = {}
+        volumes: dict[str, VolumeView] = {}
+        if instance_ids:
+            self.calls.append("ec2:DescribeInstances")
+            instances = self.ec2.describe_instances_of_jobs(instance_ids)
+        if volume_ids:
+            self.calls.append("ec2:DescribeVolumes")
+            volumes = self.ec2.describe_volumes_of_jobs(volume_ids)
+        return SweepObservation(instances, volumes, at)
 
     def _prices(self, job: Job, now: float) -> dict[Pool, float]:
         zones = [job.volume.az] if job.volume else job.spec.availability_zones

@@ -1,10 +1,19 @@
 """The user data of a spotctl instance, rendered from the files in user_data/.
 
-user_data/cloud-init.sh is the template. Its two single-quoted slots receive the job's
-parameters (base64 of JSON) and the instance side, bootstrap.sh and agent.py (base85 of
-bzip2 of JSON {file name: text}); neither alphabet has a quote, so no job value is ever
-parsed by a shell. The files are read from chalicelib/user_data/: symlinks to the
+user_data/cloud-init.sh is the template. Its single-quoted slots receive the job's
+parameters (base64 of JSON), or for a batch the member table (base85 of zlib of a JSON
+list of parameter documents), and the instance side, bootstrap.sh and agent.py (base85
+of bzip2 of JSON {file name: text}); neither alphabet has a quote, so no job value is
+ever parsed by a shell. The files are read from chalicelib/user_data/: symlinks to the
 top-level user_data/ in the repository, real files inside the Lambda package.
+
+A batch (chalicelib.batch: one RunInstances, MinCount=1, MaxCount=N) gives every
+instance the same user data, so it carries the ordered member table: entry i is the job
+of the instance whose ``ami-launch-index`` is i. bootstrap.sh reads that index from
+IMDS and keeps only its entry (``agent.py pick-member``). The table is compressed: the
+scripts take ~10.9 KB of the 16 KB, and a member adds ~0.1-0.5 KB (its secret, ids and
+prefix barely compress; what members share does), so a request holds a few dozen
+members at most; :func:`members_that_fit` says how many.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import bz2
 import json
 import re
 import signal
+import zlib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -23,6 +34,7 @@ FILES_DIR = Path(__file__).parent / "user_data"
 BUNDLED_FILES = ("bootstrap.sh", "agent.py")
 _PARAMS_SLOT = "SPOTCTL_PARAMS_B64=''"
 _BUNDLE_SLOT = "SPOTCTL_BUNDLE_B85=''"
+_MEMBERS_SLOT = "SPOTCTL_MEMBERS_B85=''"
 _VOLUME_ID = re.compile(r"vol-[0-9a-f]+")
 
 
@@ -48,7 +60,7 @@ class AgentParams:
 def _template() -> tuple[str, str]:
     """The user data template and the encoded bundle; both depend on the files only."""
     template = (FILES_DIR / "cloud-init.sh").read_text(encoding="utf-8")
-    for slot in (_PARAMS_SLOT, _BUNDLE_SLOT):
+    for slot in (_PARAMS_SLOT, _MEMBERS_SLOT, _BUNDLE_SLOT):
         if template.splitlines().count(slot) != 1:
             raise RuntimeError(f"cloud-init.sh must hold the line {slot!r} exactly once")
     files = {name: (FILES_DIR / name).read_text(encoding="utf-8") for name in BUNDLED_FILES}
@@ -91,14 +103,15 @@ def params_document(params: AgentParams) -> dict[str, object]:
     return doc
 
 
-def render_user_data(params: AgentParams) -> str:
-    """The full user data for one attempt of a job; ValueError if invalid or over 16 KB."""
-    validate(params)
-    template, bundle_b85 = _template()
-    doc = json.dumps(params_document(params), separators=(",", ":"), sort_keys=True)
-    params_b64 = base64.b64encode(doc.encode("utf-8")).decode("ascii")
-    text = template.replace(_PARAMS_SLOT, f"SPOTCTL_PARAMS_B64='{params_b64}'", 1)
-    text = text.replace(_BUNDLE_SLOT, f"SPOTCTL_BUNDLE_B85='{bundle_b85}'", 1)
+def _document_json(params: AgentParams) -> str:
+    return json.dumps(params_document(params), separators=(",", ":"), sort_keys=True)
+
+
+def _fill(slot: str, value: str, template: str) -> str:
+    return template.replace(slot, f"{slot[:-2]}'{value}'", 1)
+
+
+def _checked(text: str) -> str:
     size = len(text.encode("utf-8"))
     if size > USER_DATA_LIMIT_BYTES:
         raise ValueError(
@@ -106,3 +119,44 @@ def render_user_data(params: AgentParams) -> str:
             "shorten the command or move it into the image"
         )
     return text
+
+
+def render_user_data(params: AgentParams) -> str:
+    """The full user data for one attempt of a job; ValueError if invalid or over 16 KB."""
+    validate(params)
+    template, bundle_b85 = _template()
+    params_b64 = base64.b64encode(_document_json(params).encode("utf-8")).decode("ascii")
+    text = _fill(_PARAMS_SLOT, params_b64, template)
+    return _checked(_fill(_BUNDLE_SLOT, bundle_b85, text))
+
+
+def _unchecked_batch(members: Sequence[AgentParams]) -> str:
+    template, bundle_b85 = _template()
+    table = "[" + ",".join(_document_json(m) for m in members) + "]"
+    members_b85 = base64.b85encode(zlib.compress(table.encode("utf-8"), 9)).decode("ascii")
+    text = _fill(_MEMBERS_SLOT, members_b85, template)
+    return _fill(_BUNDLE_SLOT, bundle_b85, text)
+
+
+def render_batch_user_data(members: Sequence[AgentParams]) -> str:
+    """The user data shared by the instances of one batch request: member i is the job of
+    the instance with ``ami-launch-index`` i. ValueError if a member is invalid, the
+    table is empty, or it is over 16 KB (see :func:`members_that_fit`)."""
+    if not members:
+        raise ValueError("a batch needs at least one member")
+    for params in members:
+        validate(params)
+    return _checked(_unchecked_batch(members))
+
+
+def batch_user_data_size(members: Sequence[AgentParams]) -> int:
+    return len(_unchecked_batch(members).encode("utf-8"))
+
+
+def members_that_fit(members: Sequence[AgentParams], limit: int = USER_DATA_LIMIT_BYTES) -> int:
+    """How many of ``members``, from the first, one batch user data can carry (0 when
+    not even the first fits). Compressed sizes are not additive, so this renders."""
+    count = 0
+    while count < len(members) and batch_user_data_size(members[: count + 1]) <= limit:
+        count += 1
+    return count

@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """spotctl instance agent, exec'd by bootstrap.sh once the job's volume is mounted.
 
+``agent.py pick-member TABLE INDEX PARAMS``: see pick_member.
+
 Restores checkpoints onto a fresh volume, runs the workload, polls instance metadata
 for the interruption notice and the rebalance recommendation, syncs checkpoints to S3,
 reports to the spotctl API, and shuts the instance down. Standard library only, and
@@ -470,7 +472,31 @@ class Agent:
         return 0
 
 
+def pick_member(table_path: str, index: int, params_path: str) -> str:
+    """On an instance of a batch (bootstrap.sh runs this first): keep member ``index`` (our
+    ami-launch-index) of the table as params.json and delete the table, which holds
+    every member's secret. Returns the line to log."""
+    with open(table_path, encoding="utf-8") as f:
+        members: list[dict[str, Any]] = json.load(f)
+    if not 0 <= index < len(members):
+        raise IndexError(f"launch index {index}, but the batch has {len(members)} member(s)")
+    member = members[index]
+    fd = os.open(params_path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(member, f)
+    os.replace(params_path + ".tmp", params_path)
+    os.remove(table_path)  # the other members' secrets are not ours to keep
+    return f"batch member {index} of {len(members)}: job {member['job_id']}"
+
+
 def main(argv: list[str]) -> int:
+    if len(argv) == 5 and argv[1] == "pick-member":
+        try:
+            print(pick_member(argv[2], int(argv[3]), argv[4]))
+        except Exception as exc:  # the message names no secret
+            print(f"pick-member: {exc!r}", file=sys.stderr)
+            return 1
+        return 0
     logging.basicConfig(
         stream=sys.stdout,  # bootstrap.sh tees stdout to agent.log and the console
         level=logging.INFO,

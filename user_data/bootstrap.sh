@@ -1,11 +1,12 @@
 #!/bin/bash
 # spotctl instance bootstrap. cloud-init.sh (the rendered user data) unpacks this file,
-# agent.py and params.json (the job) into SPOTCTL_STATE_DIR and runs it.
+# agent.py and params.json (the job; or members.json, a batch's) into SPOTCTL_STATE_DIR
+# and runs it.
 #
-# Steps: IMDSv2 token and instance identity; wait for the job's EBS volume; make a
-# filesystem only on a blank device; mount it and grow it; then exec the agent, which
-# restores checkpoints, runs the workload, watches for interruption, syncs to S3,
-# reports to the API and shuts the instance down.
+# Steps: IMDSv2 token and instance identity; in a batch, pick our job; wait for the
+# job's EBS volume; make a filesystem only on a blank device; mount it and grow it;
+# then exec the agent, which restores checkpoints, runs the workload, watches for
+# interruption, syncs to S3, reports to the API and shuts the instance down.
 #
 # Environment overrides (for tests and the local sandbox; EC2 uses the defaults):
 #   SPOTCTL_IMDS_URL             instance metadata base URL    [http://169.254.169.254]
@@ -59,12 +60,6 @@ fail() {
 
 [[ $VOLUME_WAIT =~ ^[0-9]+$ ]] || fail "SPOTCTL_VOLUME_WAIT_SECONDS must be whole seconds"
 [[ $FS_TYPE == ext4 || $FS_TYPE == xfs ]] || fail "SPOTCTL_FS_TYPE must be ext4 or xfs"
-# Only the volume id is read here; the agent reads the rest of the job itself.
-volume_id=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["volume_id"])' \
-  "$STATE_DIR/params.json") || fail "cannot read $STATE_DIR/params.json"
-[[ $volume_id =~ ^vol-[0-9a-f]+$ ]] || fail "'$volume_id' is not a volume id"
-log "job volume: $volume_id"
-
 token=$(curl -sS -f --max-time 5 --retry 5 --retry-connrefused -X PUT \
   -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' "$IMDS_URL/latest/api/token") ||
   fail "no IMDSv2 token from $IMDS_URL"
@@ -75,6 +70,23 @@ imds_get() {
 instance_id=$(imds_get instance-id) || instance_id=unknown
 instance_type=$(imds_get instance-type) || instance_type=unknown
 log "instance $instance_id ($instance_type)"
+
+# A batch request's instances share one user data with every member; EC2 numbers them
+# 0..N-1 (ami-launch-index) as the control plane numbered the members. Log no secret.
+if [[ -e $STATE_DIR/members.json ]]; then
+  launch_index=$(imds_get ami-launch-index) ||
+    fail "no ami-launch-index from $IMDS_URL: cannot tell which job of the batch is ours"
+  [[ $launch_index =~ ^[0-9]+$ ]] || fail "'$launch_index' is not a launch index"
+  picked=$("$PYTHON" "$STATE_DIR/agent.py" pick-member "$STATE_DIR/members.json" \
+    "$launch_index" "$STATE_DIR/params.json") || fail "no member $launch_index in the batch"
+  log "$picked"
+fi
+
+# Only the volume id is read here; the agent reads the rest of the job itself.
+volume_id=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1]))["volume_id"])' \
+  "$STATE_DIR/params.json") || fail "cannot read $STATE_DIR/params.json"
+[[ $volume_id =~ ^vol-[0-9a-f]+$ ]] || fail "'$volume_id' is not a volume id"
+log "job volume: $volume_id"
 
 # Nitro exposes EBS volumes as NVMe devices, numbered in any order, whose serial is
 # the volume id without its hyphen. Xen (p2, p3) names it after the attach device.

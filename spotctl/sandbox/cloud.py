@@ -34,8 +34,8 @@ from spotctl.sandbox.ec2 import (
 from spotctl.sandbox.events import EventBus, EventHandler, EventTarget, ScheduleTarget, event_id
 from spotctl.sandbox.events import scheduled_event as make_scheduled_event
 from spotctl.sandbox.market import SpotMarket, SpotPool, pools_from_traces
-from spotctl.sandbox.moto_patch import add_gpu_instance_types
-from spotctl.sandbox.proxy import FidelityProxy, Upstream, sandbox_client
+from spotctl.sandbox.moto_patch import add_gpu_instance_types, speed_up_moto
+from spotctl.sandbox.proxy import FidelityProxy, Upstream, answer_in_process, sandbox_client
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class LocalCloud:
 
     def start(self) -> None:
         add_gpu_instance_types()
+        speed_up_moto()
         if not self.verbose:
             werkzeug = logging.getLogger("werkzeug")
             self._werkzeug_level = werkzeug.level
@@ -141,7 +142,10 @@ class LocalCloud:
         with urllib.request.urlopen(reset, timeout=30):  # noqa: S310 - loopback moto
             pass
         self.market.rebase(self.clock.now())  # the traces start when the cloud does
-        upstream = Upstream(host, port)
+        server = self._moto._server
+        # moto's own app, called in process by the proxy; its port stays open for
+        # anything that talks to moto directly.
+        upstream = Upstream(host, port, server.app if server is not None else None)
         self._ec2 = SandboxEc2(
             upstream, self.clock, self.market, self.bus.put, self._queue_notice, self.options
         )
@@ -212,6 +216,16 @@ class LocalCloud:
     def client(self, service: str, region: str | None = None, **kwargs: Any) -> Any:
         """A boto3 client for ``service`` that talks to the sandbox."""
         return sandbox_client(service, region or self.region, self.endpoint_url, **kwargs)
+
+    def serve_in_process(self, client: Any) -> None:
+        """Answer ``client``'s requests (made for ``endpoint_url``) in the calling thread.
+
+        The proxy's rules, throttling and moto answer as over HTTP; a benchmark that
+        makes tens of thousands of calls saves the loopback round trips.
+        """
+        if self._proxy is None:
+            raise RuntimeError("LocalCloud is not started")
+        answer_in_process(client, self._proxy.answer)
 
     # -- events, schedules and observers ---------------------------------------------------
 

@@ -44,6 +44,7 @@ from spotctl.sandbox.proxy import (
     Ec2Request,
     Upstream,
     UpstreamResponse,
+    answer_in_process,
     sandbox_client,
     xml_response,
 )
@@ -821,5 +822,6 @@ class SandboxEc2:
                     f"http://{self.upstream.host}:{self.upstream.port}",
                     config=Config(retries={"mode": "standard", "max_attempts": 1}),
                 )
+                answer_in_process(client, self.upstream.send)
                 self._clients[region] = client
             return client

@@ -58,6 +58,11 @@ RUNTIME_ACTIONS = {
     "xray:PutTelemetryRecords": 'tracing is on ("xray": true) for the stage',
     "sqs:SendMessage": "failed asynchronous invocations go to the dead-letter queue "
     "(DeadLetterQueue in infra/resources.yaml)",
+    "sqs:ReceiveMessage": "the SQS event source mapping polls the interruption-warnings "
+    "queue with the function's role",
+    "sqs:DeleteMessage": "the event source mapping deletes the messages the batch handler "
+    "did not report failed",
+    "sqs:GetQueueAttributes": "the event source mapping reads the queue's attributes",
 }
 
 # Actions AWS does not allow to scope to a resource.
@@ -366,3 +371,13 @@ def test_dev_and_prod_policies_differ_only_in_the_stage_name() -> None:
     dev = json.dumps(load_policy("dev"), sort_keys=True)
     prod = json.dumps(load_policy("prod"), sort_keys=True)
     assert dev.replace("spotctl-dev", "spotctl-prod").replace("/dev/", "/prod/") == prod
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_only_the_stage_warnings_queue_is_polled(stage: str) -> None:
+    queue = stage_env(stage)["SPOTCTL_WARNINGS_QUEUE"]
+    assert queue == f"spotctl-{stage}-interruption-warnings"
+    by_action = granted(stage)
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:GetQueueAttributes"):
+        (statement,) = by_action[action]
+        assert statement["Resource"] == f"arn:aws:sqs:*:*:{queue}"

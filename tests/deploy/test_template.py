@@ -20,6 +20,11 @@ from typing import Any
 import pytest
 import yaml
 
+from app import (
+    WARNINGS_BATCH_SIZE,
+    WARNINGS_BATCHING_WINDOW_SECONDS,
+    WARNINGS_MAX_CONCURRENCY,
+)
 from chalicelib import events
 from chalicelib.store import table_definition
 
@@ -86,6 +91,9 @@ HANDLERS = {
     "OnInstanceStateChange": events.STATE_CHANGE_PATTERN,
 }
 DLQ_ARN = {"Fn::GetAtt": ["EventsDeadLetterQueue", "Arn"]}
+WARNINGS_QUEUE_ARN = {"Fn::GetAtt": ["InterruptionWarningsQueue", "Arn"]}
+BATCH_HANDLER = "OnInterruptionWarningBatch"
+LAUNCHING_FUNCTIONS = [*HANDLERS, BATCH_HANDLER, "Sweep"]
 
 
 def test_each_ec2_rule_carries_the_exact_pattern_its_handler_registers(template) -> None:
@@ -108,7 +116,7 @@ def test_the_sweep_runs_every_minute(template) -> None:
 
 
 def test_failed_deliveries_and_failed_async_runs_go_to_the_dead_letter_queue(template) -> None:
-    (queue,) = resources_of(template, "AWS::SQS::Queue").values()
+    queue = template["Resources"]["EventsDeadLetterQueue"]
     assert queue["Properties"]["QueueName"] == {"Fn::Sub": "spotctl-${Stage}-events-dlq"}
     assert queue["Properties"]["SqsManagedSseEnabled"] is True
     for function in [*HANDLERS, "Sweep"]:
@@ -116,7 +124,7 @@ def test_failed_deliveries_and_failed_async_runs_go_to_the_dead_letter_queue(tem
         assert properties["DeadLetterQueue"] == {"Type": "SQS", "TargetArn": DLQ_ARN}
         (event,) = properties["Events"].values()
         assert event["Properties"]["DeadLetterConfig"] == {"Arn": DLQ_ARN}
-    (policy,) = resources_of(template, "AWS::SQS::QueuePolicy").values()
+    policy = template["Resources"]["EventsDeadLetterQueuePolicy"]
     (statement,) = policy["Properties"]["PolicyDocument"]["Statement"]
     assert statement["Principal"] == {"Service": "events.amazonaws.com"}
 
@@ -148,7 +156,7 @@ def test_the_bucket_is_encrypted_private_and_kept(template) -> None:
     rule = properties["BucketEncryption"]["ServerSideEncryptionConfiguration"][0]
     assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] in ("AES256", "aws:kms")
     assert bucket["DeletionPolicy"] == "Retain"
-    for function in [*HANDLERS, "Sweep", "APIHandler"]:
+    for function in [*LAUNCHING_FUNCTIONS, "APIHandler"]:
         variables = template["Resources"][function]["Properties"]["Environment"]["Variables"]
         assert variables["SPOTCTL_BUCKET"] == {"Ref": "ResultsBucket"}
 
@@ -201,8 +209,10 @@ def test_the_expansion_has_one_rule_per_ec2_pattern_and_the_schedule(packaged: P
         pytest.skip("the SAM expansion is made by `make deploy-check` (IaC venv)")
     rules = resources_of(json.loads(expanded.read_text()), "AWS::Events::Rule")
     patterns = [r["Properties"].get("EventPattern") for r in rules.values()]
+    # Plus the warnings' second rule, to the batch queue.
+    wanted = [*HANDLERS.values(), events.INTERRUPTION_WARNING_PATTERN]
     assert sorted(json.dumps(p, sort_keys=True) for p in patterns if p) == sorted(
-        json.dumps(p, sort_keys=True) for p in HANDLERS.values()
+        json.dumps(p, sort_keys=True) for p in wanted
     )
     schedules = [r["Properties"].get("ScheduleExpression") for r in rules.values()]
     schedules = [s for s in schedules if s]
@@ -214,7 +224,7 @@ def test_the_expansion_has_one_rule_per_ec2_pattern_and_the_schedule(packaged: P
 
 def test_the_functions_that_launch_know_where_agents_report(template) -> None:
     url = {"Fn::Sub": "https://${RestAPI}.execute-api.${AWS::Region}.${AWS::URLSuffix}/api"}
-    for function in [*HANDLERS, "Sweep"]:
+    for function in LAUNCHING_FUNCTIONS:
         variables = template["Resources"][function]["Properties"]["Environment"]["Variables"]
         assert variables["SPOTCTL_API_URL"] == url
 
@@ -254,3 +264,81 @@ def test_user_routes_need_sigv4_and_the_agent_route_needs_none(template) -> None
 def test_deployed_stages_authorise_users_with_iam(stage: str) -> None:
     config = json.loads((ROOT / ".chalice" / "config.json").read_text())
     assert config["stages"][stage]["environment_variables"]["SPOTCTL_AUTH"] == "iam"
+
+
+# -- the storm path: warnings -> queue -> batch handler ---------------------------------
+
+
+def test_the_warnings_queue_is_encrypted_short_lived_and_redriven_to_its_own_dlq(
+    template,
+) -> None:
+    resources = template["Resources"]
+    queue = resources["InterruptionWarningsQueue"]["Properties"]
+    dlq = resources["InterruptionWarningsDeadLetterQueue"]["Properties"]
+    assert queue["QueueName"] == {"Fn::Sub": "spotctl-${Stage}-interruption-warnings"}
+    assert dlq["QueueName"] == {"Fn::Sub": "spotctl-${Stage}-interruption-warnings-dlq"}
+    assert queue["SqsManagedSseEnabled"] is True and dlq["SqsManagedSseEnabled"] is True
+    assert queue["RedrivePolicy"]["deadLetterTargetArn"] == {
+        "Fn::GetAtt": ["InterruptionWarningsDeadLetterQueue", "Arn"]
+    }
+    assert queue["RedrivePolicy"]["maxReceiveCount"] >= 2
+    timeout = resources[BATCH_HANDLER]["Properties"]["Timeout"]
+    assert queue["VisibilityTimeout"] >= timeout, "Lambda refuses a shorter visibility"
+    assert queue["MessageRetentionPeriod"] <= 3600, "a warning is stale within minutes"
+
+
+def test_a_rule_puts_every_interruption_warning_on_the_queue_and_only_it_may(
+    template,
+) -> None:
+    resources = template["Resources"]
+    rule = resources["InterruptionWarningsToQueue"]
+    assert rule["Type"] == "AWS::Events::Rule"
+    assert rule["Properties"]["State"] == "ENABLED"
+    assert rule["Properties"]["EventPattern"] == events.INTERRUPTION_WARNING_PATTERN
+    (target,) = rule["Properties"]["Targets"]
+    assert target["Arn"] == WARNINGS_QUEUE_ARN
+    assert target["DeadLetterConfig"] == {"Arn": DLQ_ARN}
+    policy = resources["InterruptionWarningsQueuePolicy"]["Properties"]
+    assert policy["Queues"] == [{"Ref": "InterruptionWarningsQueue"}]
+    (statement,) = policy["PolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"Service": "events.amazonaws.com"}
+    assert statement["Action"] == "sqs:SendMessage"
+    assert statement["Resource"] == WARNINGS_QUEUE_ARN
+    assert statement["Condition"] == {
+        "ArnEquals": {"aws:SourceArn": {"Fn::GetAtt": ["InterruptionWarningsToQueue", "Arn"]}}
+    }
+
+
+def test_the_batch_handler_reads_the_queue_in_batches_reporting_item_failures(
+    template,
+) -> None:
+    function = template["Resources"][BATCH_HANDLER]
+    assert function["Properties"]["Handler"] == "app.on_interruption_warning_batch"
+    assert function["DependsOn"] == ["InterruptionWarningsQueue"]
+    (event,) = function["Properties"]["Events"].values()
+    assert event["Type"] == "SQS"
+    properties = event["Properties"]
+    config = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    queue = config["stages"]["dev"]["environment_variables"]["SPOTCTL_WARNINGS_QUEUE"]
+    assert queue == "spotctl-dev-interruption-warnings"
+    assert properties["Queue"] == {
+        "Fn::Sub": f"arn:${{AWS::Partition}}:sqs:${{AWS::Region}}:${{AWS::AccountId}}:{queue}"
+    }
+    assert properties["BatchSize"] == WARNINGS_BATCH_SIZE
+    assert properties["MaximumBatchingWindowInSeconds"] == WARNINGS_BATCHING_WINDOW_SECONDS
+    assert properties["ScalingConfig"] == {"MaximumConcurrency": WARNINGS_MAX_CONCURRENCY}
+    assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+
+
+def test_the_expansion_maps_the_queue_to_the_batch_handler(packaged: Path) -> None:
+    expanded = packaged / "cfn.json"
+    if not expanded.exists():
+        pytest.skip("the SAM expansion is made by `make deploy-check` (IaC venv)")
+    resources = json.loads(expanded.read_text())["Resources"]
+    (mapping,) = resources_of({"Resources": resources}, "AWS::Lambda::EventSourceMapping").values()
+    properties = mapping["Properties"]
+    assert properties["FunctionName"] == {"Ref": BATCH_HANDLER}
+    assert "interruption-warnings" in json.dumps(properties["EventSourceArn"])
+    assert properties["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert properties["BatchSize"] == WARNINGS_BATCH_SIZE
+    assert "InterruptionWarningsQueue" in resources[BATCH_HANDLER]["DependsOn"]

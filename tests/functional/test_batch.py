@@ -8,8 +8,8 @@ from collections import Counter
 from typing import Any
 
 from chalicelib import runtime
-from chalicelib.batch import BatchLog, BatchRecovery
-from tests.functional.conftest import TABLE, Env
+from chalicelib.batch import BatchRecovery, recovery_for
+from tests.functional.conftest import Env
 
 ZONE = "us-east-1a"
 
@@ -39,8 +39,7 @@ def recovery() -> BatchRecovery:
 
     client = plane.reconciler.ec2._client
     client.meta.events.register("provide-client-params.ec2.RunInstances", as_ec2_does)
-    log = BatchLog(plane.reconciler.store._client, TABLE)
-    return BatchRecovery(plane.reconciler, log, lambda token: f"#!/bin/bash\n# batch {token}\n")
+    return recovery_for(plane)
 
 
 def run_instances_counter(env: Env) -> Counter[str]:
@@ -111,8 +110,8 @@ def test_job_replaced_one_by_one_first_is_left_alone_by_the_batch(env: Env) -> N
 
     outcome = recovery().recover(list(jobs.values()))
 
-    assert early in outcome.one_by_one
-    assert early not in outcome.launched
+    assert outcome.already_replaced == [early]
+    assert early not in outcome.launched and early not in outcome.one_by_one
     assert [a["instance_id"] for a in env.job(early)["attempts"]][1:] == [replacement]
     assert len(outcome.launched) == 2
     assert not outcome.surplus

@@ -8,8 +8,10 @@ import bz2
 import importlib.util
 import json
 import re
+import secrets
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 from types import ModuleType
 
@@ -18,7 +20,10 @@ import pytest
 from chalicelib.userdata import (
     USER_DATA_LIMIT_BYTES,
     AgentParams,
+    batch_user_data_size,
+    members_that_fit,
     params_document,
+    render_batch_user_data,
     render_user_data,
 )
 
@@ -54,6 +59,53 @@ def test_typical_user_data_is_well_under_the_16_kb_limit() -> None:
     size = len(render_user_data(TYPICAL).encode())
     print(f"rendered user data: {size} bytes")
     assert size < USER_DATA_LIMIT_BYTES - 2048  # room for long commands
+
+
+def storm_member(n: int) -> AgentParams:
+    """A typical job of a storm: its own id, secret, volume and prefix; the rest shared."""
+    job_id = f"01JF6Z8Y3V6Q2W9R1T{n:08d}"
+    return AgentParams(
+        **{
+            **TYPICAL.__dict__,
+            "job_id": job_id,
+            "secret": secrets.token_hex(32),
+            "volume_id": f"vol-0{secrets.token_hex(8)}",
+            "s3_prefix": f"s3://research-checkpoints/jobs/{job_id}",
+        }
+    )
+
+
+def test_batch_member_table_round_trips_in_launch_index_order() -> None:
+    members = [storm_member(n) for n in range(3)]
+    text = render_batch_user_data(members)
+    assert slot(text, "SPOTCTL_PARAMS_B64") == ""
+    table = json.loads(zlib.decompress(base64.b85decode(slot(text, "SPOTCTL_MEMBERS_B85"))))
+    assert table == [params_document(m) for m in members]
+
+
+def test_batch_requests_are_capped_by_the_rendered_size() -> None:
+    members = [storm_member(n) for n in range(100)]
+    fit = members_that_fit(members)
+    sizes = {n: batch_user_data_size(members[:n]) for n in (1, fit, fit + 1)}
+    print(f"batch user data: {sizes} bytes; {fit} typical members per request")
+    assert 10 <= fit < 100  # the scripts take ~11.7 KB; a member ~0.15 KB compressed
+    assert len(render_batch_user_data(members[:fit]).encode()) <= USER_DATA_LIMIT_BYTES
+    assert sizes[fit + 1] > USER_DATA_LIMIT_BYTES
+    with pytest.raises(ValueError, match="over EC2's 16384"):
+        render_batch_user_data(members[: fit + 1])
+    # A member too large for any batch fits none; the one-job path takes it.
+    noise = secrets.token_urlsafe(6000)  # incompressible
+    huge = AgentParams(**{**TYPICAL.__dict__, "command": ("python", "-c", noise)})
+    assert members_that_fit([huge, *members]) == 0
+    assert members_that_fit(members, limit=batch_user_data_size(members[:5])) == 5
+
+
+def test_a_batch_with_an_unusable_member_is_refused() -> None:
+    bad = AgentParams(**{**TYPICAL.__dict__, "volume_id": "/dev/sdf"})
+    with pytest.raises(ValueError, match="volume_id"):
+        render_batch_user_data([storm_member(1), bad])
+    with pytest.raises(ValueError, match="at least one member"):
+        render_batch_user_data([])
 
 
 def test_user_data_over_16_kb_is_refused() -> None:

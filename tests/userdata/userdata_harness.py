@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from chalicelib.userdata import AgentParams, render_user_data
+from chalicelib.userdata import AgentParams, render_batch_user_data, render_user_data
 
 REPO = Path(__file__).resolve().parents[2]
 SHIM = Path(__file__).resolve().parent / "userdata_shim.py"
@@ -50,6 +50,7 @@ class FakeIMDS:
     def __init__(self) -> None:
         self.instance_action: dict[str, str] | None = None
         self.rebalance: dict[str, str] | None = None
+        self.launch_index = "0"  # which instance of its RunInstances request this is
         self.tokens: set[str] = set()
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -76,6 +77,7 @@ class FakeIMDS:
                 documents = {
                     "/latest/meta-data/instance-id": "i-0fake0instance0",
                     "/latest/meta-data/instance-type": "p3.2xlarge",
+                    "/latest/meta-data/ami-launch-index": imds.launch_index,
                 }
                 if imds.instance_action is not None:
                     documents["/latest/meta-data/spot/instance-action"] = json.dumps(
@@ -183,9 +185,13 @@ class Instance:
         fields.update(overrides)
         return AgentParams(**fields)
 
-    def start(self, params: AgentParams) -> subprocess.Popen[str]:
+    def start(self, params: AgentParams | list[AgentParams]) -> subprocess.Popen[str]:
+        """Run the user data of one job, or of a batch (a list: the member table)."""
         script = self.root / "user-data"
-        script.write_text(render_user_data(params))
+        if isinstance(params, list):
+            script.write_text(render_batch_user_data(params))
+        else:
+            script.write_text(render_user_data(params))
         return subprocess.Popen(
             ["bash", str(script)],
             env=self.env,
@@ -194,7 +200,7 @@ class Instance:
             text=True,
         )
 
-    def run(self, params: AgentParams, timeout: float = 30) -> int:
+    def run(self, params: AgentParams | list[AgentParams], timeout: float = 30) -> int:
         proc = self.start(params)
         try:
             proc.communicate(timeout=timeout)
