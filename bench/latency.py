@@ -39,6 +39,9 @@ def warning_event(instance_id: str) -> dict[str, Any]:
     return event
 
 
+API_TOKEN = "bench-token"  # noqa: S105 - a local stand-in, as the sandbox uses
+
+
 def state_event(instance_id: str, state: str) -> dict[str, Any]:
     event: dict[str, Any] = json.loads((EVENTS / f"state-change-{state}.json").read_text())
     event["detail"]["instance-id"] = instance_id
@@ -57,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         MOTO_EC2_LOAD_DEFAULT_AMIS="false",
         SPOTCTL_TABLE="spotctl-bench",
         SPOTCTL_SIGNING_KEY="bench-key",
+        SPOTCTL_AUTH="token",
+        SPOTCTL_API_TOKEN=API_TOKEN,
         SPOTCTL_API_URL="http://127.0.0.1:9/api",
         POWERTOOLS_LOG_LEVEL="WARNING",
         LOG_LEVEL="WARNING",
@@ -118,7 +123,12 @@ def _run(runs: int, boto3: Any, client_class: Any) -> int:
     with client_class(app) as client:
         for _ in range(runs):
             response = client.http.post(
-                "/jobs", headers={"content-type": "application/json"}, body=json.dumps(spec)
+                "/jobs",
+                headers={
+                    "content-type": "application/json",
+                    "authorization": f"Bearer {API_TOKEN}",
+                },
+                body=json.dumps(spec),
             )
             job = json.loads(response.body)
             instance_id = job["attempts"][0]["instance_id"]

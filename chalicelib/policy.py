@@ -24,7 +24,10 @@ every hour spent waiting spends an hour of it, running spends none. The policy
 - takes spot whenever a pool has it and the start is safe; rides it until preempted;
   leaves on-demand for spot as soon as it is back above the reserve and spot will
   have lasted two restarts' worth of time by the next check (short-lived capacity
-  costs two restarts for no progress);
+  costs two restarts for no progress); behind the reserve, it leaves on-demand too
+  when the pool's spell record expects spot to last twice the slack the trip risks
+  (two restarts plus the deficit), since riding spot earns the deficit back as fast
+  as on-demand does;
 - ranks spot pools by expected cost per hour of progress, counting the restarts that
   the recorded interruptions predict and the volume move (snapshot + restore) another
   AZ needs; how long a pool's capacity will last comes from its spell record (how
@@ -160,6 +163,11 @@ class Tuning:
     # interval about to start, before on-demand is left for it: a spell shorter than
     # a restart pays two restarts for no progress.
     leave_on_demand_min_age_restarts: float = 2.0
+    # Behind the reserve, on-demand is left for spot anyway when the pool's spell
+    # record expects spot to last this multiple of the slack the trip puts at risk:
+    # two restarts (there, and back after the preemption) plus the reserve's
+    # deficit. Negative: never.
+    leave_behind_spell_factor: float = 2.0
     # How much of the recent availability we count on, and how much of Uniform
     # Progress's schedule we keep in the blend.
     availability_trust: float = 1.0
@@ -613,12 +621,31 @@ def _leave_on_demand(
     """Leave a safe on-demand instance for spot only when the trip is likely to pay."""
     d = view.restart_overhead_hours
     need = tuning.leave_on_demand_restarts * d + best.startup_hours - d
-    if excess < need:
+    if excess < need and not _spell_pays_behind(view, best, need - excess, tuning):
         return False
     since = best.quote.capacity_changed_at
     age = 0.0 if since is None else (now - since) / SECONDS_PER_HOUR
     # The tick about to start counts: spot seen now is spot for at least that long.
     return age + view.recheck_hours + 1e-9 >= tuning.leave_on_demand_min_age_restarts * d
+
+
+def _spell_pays_behind(view: PlacementView, best: _Ranked, deficit: float, tuning: Tuning) -> bool:
+    """Behind the reserve by ``deficit`` hours, leave on-demand only for a long spell.
+
+    On on-demand the reserve's deficit is earned back only slowly (at the reserve's
+    share of each hour), and riding spot earns it back just as fast, so holding
+    on-demand through a long spell of spot pays the on-demand premium for nothing.
+    What the trip risks is slack: two restarts (the start, and the way back to
+    on-demand after the preemption) on top of the deficit already owed. The trip is
+    taken when the pool's spell record (:func:`expected_spot_hours`, counting the
+    spell's age) expects spot to last ``leave_behind_spell_factor`` times that.
+    Never a move: moves price their own slack.
+    """
+    factor = tuning.leave_behind_spell_factor
+    if factor < 0.0 or best.moves:
+        return False
+    at_risk = 2.0 * view.restart_overhead_hours + max(0.0, deficit)
+    return best.spot_hours >= factor * at_risk
 
 
 def _first_home(view: PlacementView) -> str | None:

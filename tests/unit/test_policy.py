@@ -150,6 +150,57 @@ ROWS = [
         A,
     ),
     Row(
+        "on-demand, a little behind the reserve, spot's spell record long: back to spot",
+        view(
+            done=10.0,
+            left=40.8,
+            current=on(A, Market.ON_DEMAND),
+            pools=(
+                quote(
+                    capacity_changed_at=NOW - 2 * H,
+                    interruptions=interrupted(36),
+                    spell_hours=LONG_SPELLS,
+                ),
+            ),
+        ),
+        Spot,
+        A,
+    ),
+    Row(
+        "on-demand, a little behind the reserve, spot young and its spells short: stay",
+        view(
+            done=10.0,
+            left=40.8,
+            current=on(A, Market.ON_DEMAND),
+            pools=(
+                quote(
+                    capacity_changed_at=NOW - 0.5 * H,
+                    interruptions=interrupted(36),
+                    spell_hours=SHORT_SPELLS,
+                ),
+            ),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
+        "on-demand, far behind the reserve, spot's spell record long: stay on-demand",
+        view(
+            done=10.0,
+            left=39.3,
+            current=on(A, Market.ON_DEMAND),
+            pools=(
+                quote(
+                    capacity_changed_at=NOW - 2 * H,
+                    interruptions=interrupted(36),
+                    spell_hours=LONG_SPELLS,
+                ),
+            ),
+        ),
+        OnDemand,
+        A,
+    ),
+    Row(
         "on-demand, spot back only this instant: stay on-demand",
         view(
             done=30.0,
