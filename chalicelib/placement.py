@@ -6,6 +6,14 @@ the job record and the observed spot prices into a ``PlacementView``, and the
 policy's ``Spot`` / ``OnDemand`` / ``Wait`` into the ordered candidates of an attempt
 (each with its ClientToken) or a time to wait until.
 
+Each pool's quote carries the history the job's own record holds about spot there
+(:class:`PoolHistory`), in the terms the simulator records from its traces: the
+interruptions, the spells of spot capacity (a spot attempt's run until its
+interruption), the outages (from an interruption or a capacity refusal until spot
+next ran there) and when the current spell or outage began. The record sees a pool
+only while the job runs or asks for spot there, so the share of recent time spot was
+available (``recent_availability``) is not known and is left out.
+
 Once the job has a volume, only pools in the volume's zone are offered: moving the
 volume to another zone (snapshot and restore) is not something the executor does yet.
 """
@@ -14,11 +22,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from chalicelib import policy
 from chalicelib.models import (
     ENDED_INTERRUPTED,
     ENDED_RECLAIMED,
+    Attempt,
     Candidate,
     Job,
     Pool,
@@ -55,18 +65,131 @@ def work_done_hours(job: Job, now: float) -> float:
     )
 
 
-def _interruptions(job: Job, pool: Pool) -> tuple[policy.Interruption, ...]:
-    """The job's interruptions in ``pool``, oldest first (as the policy expects)."""
-    found = (
-        policy.Interruption(
-            at=a.warned_at or a.ended_at or a.requested_at,
-            cause=policy.InterruptionCause.CAPACITY,
-            max_price=a.max_price,
-        )
+# Refusals that say the pool had no spot capacity (an outage), as opposed to account
+# limits, a type not offered in the zone, or a max price below the spot price.
+_OUTAGE_CODES = frozenset(
+    {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity"}
+)
+
+
+@dataclass(frozen=True)
+class PoolHistory:
+    """What the job's own record says about spot capacity in one pool.
+
+    The facts ``spotctl simulate`` records from its traces, in the same units (hours)
+    and order (oldest first), from what this job saw:
+
+    - a spell is a spot attempt's run in the pool, from its start (``running_at``, or
+      ``requested_at`` when never seen running, as ``Attempt.billed_hours``) to its
+      interruption (``warned_at``, else ``ended_at``: the instant recorded in
+      ``interruptions``). An attempt warned but not yet ended is interrupted: the
+      warning is the interruption the replacement is planned for;
+    - an outage runs from an interruption, or the first capacity refusal of a spot
+      launch since spot last ran in the pool, until a spot instance next starts there;
+    - ``changed_at`` is when the pool's last known state (``up``) began: the start of
+      a live spot attempt (the current spell; its age is ``now - changed_at``) or the
+      start of an outage not yet over by the record.
+
+    Spells are shorter than the capacity's (it was there before we launched) and
+    outages longer (spot may have come back before we looked): the record sees the
+    pool only while the job uses or asks for it. A spot attempt that ended otherwise
+    (stopped, completed, cancelled) ends what the record knows: ``up`` is None.
+    """
+
+    interruptions: tuple[policy.Interruption, ...] = ()
+    spell_hours: tuple[float, ...] = ()
+    outage_hours: tuple[float, ...] = ()
+    up: bool | None = None  # True: spot runs here now; False: in an outage; None: unknown
+    changed_at: float | None = None  # epoch s ``up`` began
+
+    def capacity_changed_at(self, available: bool) -> float | None:
+        """``changed_at`` when the record agrees with what is believed now, else None.
+
+        Spot believed available after a recorded outage came back at a time the
+        record does not know, so its age is unknown (0 to the policy), not the
+        outage's.
+        """
+        return self.changed_at if self.up is available else None
+
+
+def _interrupted_at(attempt: Attempt) -> float | None:
+    """When spot capacity was taken from ``attempt``, or None if it was not."""
+    if attempt.end_reason in (ENDED_INTERRUPTED, ENDED_RECLAIMED):
+        return attempt.warned_at or attempt.ended_at or attempt.requested_at
+    if attempt.end_reason is None and attempt.warned_at is not None:
+        return attempt.warned_at  # warned, still in its notice: the replacement's cause
+    return None
+
+
+class _Event(NamedTuple):
+    at: float
+    kind: int  # _WENT, _LEFT, _REFUSED or _CAME: the order of events at one instant
+    start: float = 0.0  # _WENT: when the interrupted spell began
+    max_price: float | None = None  # _WENT: the interrupted instance's
+
+
+_WENT, _LEFT, _REFUSED, _CAME = 0, 1, 2, 3
+
+
+def _when(event: _Event) -> tuple[float, int]:
+    return event.at, event.kind
+
+
+def pool_histories(job: Job) -> dict[Pool, PoolHistory]:
+    """Each pool's :class:`PoolHistory`; pools the job never ran spot in nor asked for
+    spot in are absent (an empty record)."""
+    events: dict[Pool, list[_Event]] = {}
+    for a in job.attempts:
+        if a.market != "spot" or a.pool is None or a.instance_id is None:
+            continue
+        start = a.running_at if a.running_at is not None else a.requested_at
+        went = _interrupted_at(a)
+        found = events.setdefault(a.pool, [])
+        if went is not None:
+            start = min(start, went)
+            found.append(_Event(went, _WENT, start, a.max_price))
+        elif a.ended:
+            found.append(_Event(max(start, a.ended_at or start), _LEFT))
+        found.append(_Event(start, _CAME))
+    spot_asks = {
+        (a.number, str(c.pool)): c.pool
         for a in job.attempts
-        if a.pool == pool and a.end_reason in (ENDED_INTERRUPTED, ENDED_RECLAIMED)
-    )
-    return tuple(sorted(found, key=lambda i: i.at))
+        for c in a.candidates
+        if c.market == "spot"
+    }
+    for e in job.timeline:
+        if e.kind != "launch-refused" or e.attempt is None:
+            continue
+        name, _, error = e.detail.partition(": ")
+        pool = spot_asks.get((e.attempt, name))
+        if pool is not None and error.split(":", 1)[0] in _OUTAGE_CODES:
+            events.setdefault(pool, []).append(_Event(e.at, _REFUSED))
+    return {pool: _history(sorted(found, key=_when)) for pool, found in events.items()}
+
+
+def _history(events: list[_Event]) -> PoolHistory:
+    """Replay one pool's events, oldest first, as the simulator replays its trace."""
+    interruptions: list[policy.Interruption] = []
+    spells: list[float] = []
+    outages: list[float] = []
+    up: bool | None = None
+    changed_at: float | None = None
+    for e in events:
+        if e.kind == _CAME:
+            if up is False and changed_at is not None:
+                outages.append((e.at - changed_at) / _HOUR)
+            up, changed_at = True, e.at
+        elif e.kind == _WENT:
+            cause = policy.InterruptionCause.CAPACITY
+            interruptions.append(policy.Interruption(e.at, cause, e.max_price))
+            spells.append((e.at - e.start) / _HOUR)
+            up, changed_at = False, e.at
+        elif e.kind == _LEFT:
+            up, changed_at = None, None  # we ended it: the record stops knowing
+        elif up is None:
+            # A refusal starts an outage, unless one is already on or our spot runs.
+            up, changed_at = False, e.at
+    return PoolHistory(tuple(interruptions), tuple(spells), tuple(outages), up, changed_at)
 
 
 def _recently_refused(job: Job, pool: Pool, now: float) -> bool:
@@ -78,6 +201,30 @@ def _recently_refused(job: Job, pool: Pool, now: float) -> bool:
     )
 
 
+def _quote(
+    job: Job,
+    pool: Pool,
+    prices: Mapping[Pool, float],
+    histories: Mapping[Pool, PoolHistory],
+    now: float,
+) -> policy.PoolQuote:
+    history = histories.get(pool, PoolHistory())
+    available = not _recently_refused(job, pool, now)
+    spot_price = prices.get(pool)
+    return policy.PoolQuote(
+        pool=policy.Pool(pool.instance_type, pool.az),
+        on_demand_price=on_demand_price_of(job, pool.instance_type),
+        spot_price=spot_price,
+        interruptions=history.interruptions,
+        spot_available=available,
+        capacity_changed_at=history.capacity_changed_at(available and spot_price is not None),
+        # Not from the record: it sees a pool only while the job runs or asks there.
+        recent_availability=None,
+        spell_hours=history.spell_hours,
+        outage_hours=history.outage_hours,
+    )
+
+
 def placement_view(job: Job, prices: Mapping[Pool, float], now: float) -> policy.PlacementView:
     spec = job.spec
     zone = job.volume.az if job.volume is not None else None
@@ -85,16 +232,9 @@ def placement_view(job: Job, prices: Mapping[Pool, float], now: float) -> policy
     offered = {pool.az for pool in prices if pool.instance_type in spec.instance_types}
     if not zones:
         zones = offered
+    histories = pool_histories(job)
     quotes = tuple(
-        policy.PoolQuote(
-            pool=policy.Pool(instance_type, az),
-            on_demand_price=on_demand_price_of(job, instance_type),
-            spot_price=prices.get(Pool(instance_type=instance_type, az=az)),
-            interruptions=_interruptions(job, Pool(instance_type=instance_type, az=az)),
-            spot_available=not _recently_refused(
-                job, Pool(instance_type=instance_type, az=az), now
-            ),
-        )
+        _quote(job, Pool(instance_type=instance_type, az=az), prices, histories, now)
         for az in sorted(zones)
         for instance_type in spec.instance_types
     )
