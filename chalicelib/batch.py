@@ -61,7 +61,6 @@ from botocore.exceptions import ClientError
 
 from chalicelib import clients
 from chalicelib.agent_auth import derive_secret
-from chalicelib.config import Config
 from chalicelib.errors import (
     ConcurrentUpdate,
     Ec2Failure,
@@ -437,35 +436,14 @@ def _price(member: Member) -> float:
 # -- wiring ------------------------------------------------------------------------
 
 
-def agent_params(job: Job, attempt: Attempt, config: Config, secret: str) -> AgentParams:
-    """What the instance of ``attempt`` runs: the fields chalicelib.runtime renders into
-    the one-job user data, for one entry of a batch's member table."""
-    from chalicelib.runtime import s3_prefix_for  # noqa: PLC0415 - runtime builds the plane
-
-    assert job.volume is not None, "a batch member has its volume"
-    checkpoint = job.spec.checkpoint
-    return AgentParams(
-        job_id=job.job_id,
-        attempt=attempt.number,
-        api_url=config.api_url,
-        secret=secret,
-        volume_id=job.volume.volume_id,
-        command=job.spec.command,
-        image=job.spec.image,
-        s3_prefix=s3_prefix_for(job, config),
-        checkpoint_dir=checkpoint.directory,
-        grace_seconds=checkpoint.grace_seconds,
-        stop_signal=checkpoint.stop_signal,
-        sync_interval_seconds=checkpoint.sync_interval_seconds,
-    )
-
-
 def recovery_for(plane: ControlPlane) -> BatchRecovery:
     """The batch path over the same store, EC2 gateway and settings as ``plane``."""
     config = plane.config
     signing_key = plane.service.signing_key
 
     def params(job: Job, attempt: Attempt) -> AgentParams:
+        from chalicelib.runtime import agent_params  # noqa: PLC0415 - runtime builds the plane
+
         return agent_params(job, attempt, config, derive_secret(signing_key(), job.job_id))
 
     client = clients.dynamodb(config.region)

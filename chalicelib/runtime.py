@@ -54,6 +54,27 @@ class _Secrets:
         return response["Parameter"]["Value"]
 
 
+def agent_params(job: Job, attempt: Attempt, config: Config, secret: str) -> AgentParams:
+    """What the instance of ``attempt`` runs: the one-job user data renders it, and a
+    batch's member table carries one per member (``chalicelib.batch``)."""
+    assert job.volume is not None, "the volume is created before the launch"
+    checkpoint = job.spec.checkpoint
+    return AgentParams(
+        job_id=job.job_id,
+        attempt=attempt.number,
+        api_url=config.api_url,
+        secret=secret,
+        volume_id=job.volume.volume_id,
+        command=job.spec.command,
+        image=job.spec.image,
+        s3_prefix=s3_prefix_for(job, config),
+        checkpoint_dir=checkpoint.directory,
+        grace_seconds=checkpoint.grace_seconds,
+        stop_signal=checkpoint.stop_signal,
+        sync_interval_seconds=checkpoint.sync_interval_seconds,
+    )
+
+
 def s3_prefix_for(job: Job, config: Config) -> str | None:
     if job.spec.results_s3_uri:
         return job.spec.results_s3_uri
@@ -73,24 +94,8 @@ def build(config: Config) -> ControlPlane:
         )
 
     def user_data(job: Job, attempt: Attempt) -> str:
-        assert job.volume is not None, "the volume is created before the launch"
-        checkpoint = job.spec.checkpoint
-        return render_user_data(
-            AgentParams(
-                job_id=job.job_id,
-                attempt=attempt.number,
-                api_url=config.api_url,
-                secret=derive_secret(secrets.signing_key(), job.job_id),
-                volume_id=job.volume.volume_id,
-                command=job.spec.command,
-                image=job.spec.image,
-                s3_prefix=s3_prefix_for(job, config),
-                checkpoint_dir=checkpoint.directory,
-                grace_seconds=checkpoint.grace_seconds,
-                stop_signal=checkpoint.stop_signal,
-                sync_interval_seconds=checkpoint.sync_interval_seconds,
-            )
-        )
+        secret = derive_secret(secrets.signing_key(), job.job_id)
+        return render_user_data(agent_params(job, attempt, config, secret))
 
     reconciler = Reconciler(
         store=store,
