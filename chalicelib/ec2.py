@@ -50,6 +50,7 @@ _MISSING_CODES = frozenset(
 # Every instance and volume spotctl creates carries this tag (TagSpecifications at
 # creation, so it is there from the first moment EC2 shows the resource).
 JOB_TAG = "spotctl:job-id"
+MOVE_TAG = "spotctl:move"  # on a move's snapshot: the move's number
 # EC2 refuses more values than this in one filter.
 MAX_FILTER_VALUES = 200
 # The largest page DescribeInstances / DescribeVolumes serve.
@@ -82,6 +83,16 @@ class VolumeView:
     def gone(self) -> bool:
         """Deleted, failed or unknown to EC2: its data is not coming back."""
         return self.state in ("deleting", "deleted", "error", "missing")
+
+
+@dataclass(frozen=True)
+class SnapshotView:
+    snapshot_id: str
+    state: str  # pending | completed | error | recoverable | recovering | missing
+
+    @property
+    def failed(self) -> bool:
+        return self.state in ("error", "missing")
 
 
 @dataclass(frozen=True)
@@ -254,6 +265,27 @@ class Ec2Gateway:
                 views[volume["VolumeId"]] = _volume_view(volume)
         return views
 
+    def describe_snapshot(self, snapshot_id: str) -> SnapshotView:
+        response = self._client.describe_snapshots(
+            OwnerIds=["self"], Filters=[{"Name": "snapshot-id", "Values": [snapshot_id]}]
+        )
+        snapshots = response.get("Snapshots", [])
+        if not snapshots:
+            return SnapshotView(snapshot_id, "missing")
+        return SnapshotView(snapshot_id, snapshots[0]["State"])
+
+    def snapshot_of_move(self, job_id: str, move: int) -> str | None:
+        """The snapshot a (possibly dead) pass took for move ``move`` of ``job_id``."""
+        response = self._client.describe_snapshots(
+            OwnerIds=["self"],
+            Filters=[
+                {"Name": f"tag:{JOB_TAG}", "Values": [job_id]},
+                {"Name": f"tag:{MOVE_TAG}", "Values": [str(move)]},
+            ],
+        )
+        found = sorted(s["SnapshotId"] for s in response.get("Snapshots", []))
+        return found[0] if found else None
+
     def spot_prices(
         self, instance_types: Sequence[str], azs: Sequence[str] | None, now: float
     ) -> dict[Pool, float]:
@@ -368,6 +400,17 @@ class Ec2Gateway:
         except ClientError as exc:
             _raise_typed(exc)
         return response["VolumeId"]
+
+    def create_snapshot(self, volume_id: str, tags: dict[str, str]) -> str:
+        try:
+            response = self._client.create_snapshot(
+                VolumeId=volume_id,
+                Description=f"spotctl move of {volume_id}",
+                TagSpecifications=_tags("snapshot", tags),
+            )
+        except ClientError as exc:
+            _raise_typed(exc)
+        return response["SnapshotId"]
 
     def attach_volume(self, volume_id: str, instance_id: str) -> None:
         try:

@@ -296,6 +296,27 @@ class Volume(BaseModel):
     created_by_spotctl: bool
 
 
+class VolumeMove(BaseModel):
+    """A move of the job's volume to another zone: snapshot it, restore it there.
+
+    Written ahead like a launch: ``snapshot_requested`` is stored before
+    CreateSnapshot (which has no ClientToken), so a pass that died after the call
+    finds the snapshot by its tags instead of taking a second one.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    number: int  # the job's how-manieth move: names its tags and ClientToken
+    from_volume_id: str
+    from_az: str
+    to_az: str
+    reason: str  # the policy's, for the attempt launched after the move
+    requested_at: float
+    snapshot_requested: bool = False
+    snapshot_id: str | None = None
+    volume_id: str | None = None  # the restored volume in ``to_az``
+
+
 class Job(BaseModel):
     """The stored record of a job: spec, state, attempts and timeline."""
 
@@ -309,6 +330,10 @@ class Job(BaseModel):
     updated_at: float
     secret_hash: str
     volume: Volume | None = None
+    move: VolumeMove | None = None  # a move of the volume to another zone, under way
+    moves: int = 0  # moves started so far
+    # Volumes and snapshots a move left behind: spotctl never deletes them.
+    kept_after_moves: tuple[str, ...] = ()
     attempts: tuple[Attempt, ...] = ()
     timeline: tuple[TimelineEvent, ...] = ()
     wait_until: float | None = None

@@ -95,6 +95,8 @@ def _schemas() -> dict[str, Any]:
             "spec": {"$ref": REF.format(model="JobSpec")},
             "updated_at": {"type": "string", "format": "date-time"},
             "volume": {"type": ["object", "null"]},
+            "volume_move": {"type": ["object", "null"]},
+            "kept_after_moves": {"type": "array", "items": {"type": "string"}},
             "interruptions": {"type": "integer"},
             "on_demand_cost_usd": {"type": "number"},
             "saved_usd": {"type": "number"},

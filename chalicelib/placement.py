@@ -14,8 +14,10 @@ next ran there) and when the current spell or outage began. The record sees a po
 only while the job runs or asks for spot there, so the share of recent time spot was
 available (``recent_availability``) is not known and is left out.
 
-Once the job has a volume, only pools in the volume's zone are offered: moving the
-volume to another zone (snapshot and restore) is not something the executor does yet.
+Once the job has a volume, the pools of every zone are offered when the volume can
+move (see :func:`zones_offered`), the policy pricing the move by
+``policy.migration_overhead_hours``; a chosen pool in another zone makes the
+reconciler move the volume there (snapshot and restore) before it launches.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from chalicelib.pricing import ON_DEMAND_USD_PER_HOUR
 RESTART_OVERHEAD_HOURS = 0.1
 # A pool that refused capacity this recently is believed to have none.
 CAPACITY_MEMORY_SECONDS = 240.0
+# After a failed move (snapshot or restore), stay in the volume's zone this long.
+MOVE_RETRY_AFTER_SECONDS = 3600.0
 _HOUR = 3600.0
 
 
@@ -225,10 +229,37 @@ def _quote(
     )
 
 
-def placement_view(job: Job, prices: Mapping[Pool, float], now: float) -> policy.PlacementView:
+def can_move(job: Job, now: float) -> bool:
+    """Whether the job's volume may move to another zone now.
+
+    Only a volume spotctl created (a user's own volume stays where the user put it),
+    not while a move is under way, and not soon after a move failed.
+    """
+    volume = job.volume
+    return (
+        volume is not None
+        and volume.created_by_spotctl
+        and job.move is None
+        and not any(
+            e.kind == "move-failed" and now - e.at < MOVE_RETRY_AFTER_SECONDS for e in job.timeline
+        )
+    )
+
+
+def zones_offered(job: Job, movable: bool) -> list[str] | None:
+    """The zones whose pools the policy is offered (None: every zone EC2 offers)."""
+    if job.volume is not None and not movable:
+        return [job.volume.az]
+    return list(job.spec.availability_zones) if job.spec.availability_zones else None
+
+
+def placement_view(
+    job: Job, prices: Mapping[Pool, float], now: float, movable: bool = False
+) -> policy.PlacementView:
     spec = job.spec
     zone = job.volume.az if job.volume is not None else None
-    zones = {zone} if zone is not None else set(spec.availability_zones or ())
+    offered_zones = zones_offered(job, movable)
+    zones = set(offered_zones or ())
     offered = {pool.az for pool in prices if pool.instance_type in spec.instance_types}
     if not zones:
         zones = offered
@@ -254,9 +285,14 @@ def placement_view(job: Job, prices: Mapping[Pool, float], now: float) -> policy
     )
 
 
-def plan(job: Job, prices: Mapping[Pool, float], now: float, attempt: int) -> Plan:
-    """The candidates of attempt number ``attempt``, or when to look again."""
-    view = placement_view(job, prices, now)
+def plan(
+    job: Job, prices: Mapping[Pool, float], now: float, attempt: int, movable: bool = False
+) -> Plan:
+    """The candidates of attempt number ``attempt``, or when to look again.
+
+    With ``movable`` the candidates may be in another zone than the job's volume.
+    """
+    view = placement_view(job, prices, now, movable)
     choice = policy.decide_placement(view, now)
     if isinstance(choice, policy.Wait):
         return Plan((), choice.reason, choice.until)

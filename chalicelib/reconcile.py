@@ -13,6 +13,16 @@ which are pure too.
 Launches are written ahead: the attempt, with its ordered candidate pools and their
 ClientTokens, is stored *before* RunInstances, so a Lambda that dies after launching
 replays the same request and EC2 returns the same instance.
+
+Moving the volume to another zone (when the policy picks a pool there and no
+instance of the job is alive) takes passes, one step each, on the job's
+``move``: (1) CreateSnapshot once the old volume is ``available`` (written ahead;
+a replay finds the snapshot by its tags), (2) once the snapshot is ``completed``,
+CreateVolume from it in the new zone (ClientToken), (3) once that volume is
+``available``, it becomes the job's volume and the attempt launches there as
+usual. A failed step drops the move and the job stays in its volume's zone for a
+while. Safety rule: the old volume and the snapshot are never deleted by spotctl;
+they are listed on the job (``kept_after_moves``) for the user to remove.
 """
 
 from __future__ import annotations
@@ -22,9 +32,10 @@ from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from chalicelib import metrics, placement
-from chalicelib.ec2 import Ec2Gateway, InstanceView, LaunchSettings, VolumeView
+from chalicelib.ec2 import Ec2Gateway, InstanceView, LaunchSettings, SnapshotView, VolumeView
 from chalicelib.errors import (
     ConcurrentUpdate,
+    Ec2Failure,
     InsufficientCapacity,
     ResourceMissing,
     SpotPriceTooLow,
@@ -43,12 +54,14 @@ from chalicelib.models import (
     JobState,
     Pool,
     Volume,
+    VolumeMove,
 )
 from chalicelib.store import JobStore
 
 RETRY_LAUNCH_AFTER_SECONDS = 300.0  # WAITING: how long before the sweep tries again
 WARNED_INSTANCE_GRACE_SECONDS = 300.0  # a warned instance still alive after this is ours to end
 SWEEP_OBSERVATION_MAX_AGE_SECONDS = 30.0  # a sweep looks again at jobs not visited by then
+MOVE_WAIT_FOR_VOLUME_SECONDS = 600.0  # a move gives up if the volume is not free by then
 
 
 # -- what we observe ---------------------------------------------------------------
@@ -62,6 +75,9 @@ class Observed:
     instances: Mapping[str, InstanceView] | None = None
     volume: VolumeView | None = None  # the job's volume; None while it has none (or unknown)
     prices: Mapping[Pool, float] | None = None  # current spot prices; None = not looked up
+    # Only while a move is under way: its snapshot and the volume restored from it.
+    snapshot: SnapshotView | None = None
+    moved_volume: VolumeView | None = None
 
     def instance(self, instance_id: str) -> InstanceView | None:
         return (self.instances or {}).get(instance_id)
@@ -76,6 +92,18 @@ class CreateVolume:
     size_gib: int | None
     snapshot_id: str | None
     client_token: str
+    for_move: bool = False  # the restored volume of the job's move, not yet its volume
+
+
+@dataclass(frozen=True)
+class CreateSnapshot:
+    """Snapshot the job's (detached) volume for move number ``move``."""
+
+    volume_id: str
+    move: int
+    # Written ahead by an earlier pass that may have died after CreateSnapshot: look
+    # for its snapshot (by tag) before taking one.
+    replay: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,7 +137,15 @@ class DeleteVolume:
     volume_id: str
 
 
-Action = CreateVolume | Launch | AttachVolume | Terminate | DeleteVolume | TerminateLaunched
+Action = (
+    CreateVolume
+    | CreateSnapshot
+    | Launch
+    | AttachVolume
+    | Terminate
+    | DeleteVolume
+    | TerminateLaunched
+)
 
 
 @dataclass(frozen=True)
@@ -150,6 +186,8 @@ def decide(job: Job, observed: Observed, now: float) -> Decision:
         return _volume_lost(job, observed, now, terminate)
 
     current = job.current
+    if job.move is not None and (current is None or current.ended):
+        return _move_volume(job, job.move, observed, now, terminate)
     if current is None or current.ended:
         return _next_attempt(job, observed, now, terminate)
     if current.instance_id is None:
@@ -243,6 +281,8 @@ def _terminate(*groups: Sequence[str]) -> tuple[Action, ...]:
 
 
 def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
+    if job.move is not None:
+        job = apply_move_failed(job, "the job was cancelled", now)
     alive = _alive_ids(job, observed)
     pending_launch = [a for a in job.attempts if not a.ended and a.instance_id is None]
     for attempt in pending_launch:
@@ -312,7 +352,7 @@ def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str])
     if not volume.created_by_spotctl or job.spec.results_s3_uri is None:
         job = _fail(job, now, f"volume {volume.volume_id} was lost and no S3 copy exists")
         return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
-    job = job.model_copy(update={"volume": None})
+    job = job.model_copy(update={"volume": None, "move": None})
     job = job.with_event(now, "volume-lost", f"{volume.volume_id}; a new volume restores from S3")
     current = job.current
     if current is not None and not current.ended:
@@ -322,16 +362,43 @@ def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str])
     return decision
 
 
-def _next_attempt(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
-    """Plan (and write ahead) a new attempt, or wait."""
+def _next_attempt(
+    job: Job, observed: Observed, now: float, terminate: list[str], why_here: str = ""
+) -> Decision:
+    """Plan (and write ahead) a new attempt, start a move of the volume, or wait."""
     if job.state == JobState.WAITING and job.wait_until is not None and now < job.wait_until:
         return Decision(job, _terminate(terminate))
     if observed.prices is None:
         return Decision(job, _terminate(terminate), needs_prices=True)
 
     number = len(job.attempts) + 1
-    plan = placement.plan(job, observed.prices, now, number)
+    previous = job.current
+    # Only with no instance of the job alive (its volume is free to snapshot) and
+    # with the volume observed.
+    movable = (
+        not why_here  # just moved: launch where the volume now is
+        and (previous is None or previous.ended)
+        and observed.instances is not None
+        and not _alive_ids(job, observed)
+        and placement.can_move(job, now)
+    )
+    plan = placement.plan(job, observed.prices, now, number, movable)
     first = not any(a.instance_id for a in job.attempts)
+    volume = job.volume
+    if plan.candidates and volume is not None and plan.candidates[0].pool.az != volume.az:
+        to_az = plan.candidates[0].pool.az
+        move = VolumeMove(
+            number=job.moves + 1,
+            from_volume_id=volume.volume_id,
+            from_az=volume.az,
+            to_az=to_az,
+            reason=f"move from zone {volume.az} to zone {to_az}: {plan.reason}",
+            requested_at=now,
+        )
+        update = {"move": move, "moves": move.number, "state": JobState.RECOVERING}
+        job = job.model_copy(update={**update, "wait_until": None})
+        job = job.with_event(now, "moving-volume", move.reason)
+        return _move_volume(job, move, observed, now, terminate)
     if not plan.candidates:
         until = plan.wait_until if plan.wait_until is not None else now + RETRY_LAUNCH_AFTER_SECONDS
         job = job.model_copy(update={"state": JobState.WAITING, "wait_until": until})
@@ -339,9 +406,11 @@ def _next_attempt(job: Job, observed: Observed, now: float, terminate: list[str]
         return Decision(job, _terminate(terminate))
 
     attempt = Attempt(
-        number=number, reason=plan.reason, candidates=plan.candidates, requested_at=now
+        number=number,
+        reason=f"{why_here}; {plan.reason}" if why_here else plan.reason,
+        candidates=plan.candidates,
+        requested_at=now,
     )
-    previous = job.current
     if first:
         state = JobState.PROVISIONING
     elif previous is not None and not previous.ended:
@@ -353,6 +422,68 @@ def _next_attempt(job: Job, observed: Observed, now: float, terminate: list[str]
     )
     job = job.with_event(now, "launch-requested", plan.reason, number)
     return Decision(job, (*_creates_for(job, attempt), Launch(number), *_terminate(terminate)))
+
+
+def _move_volume(
+    job: Job, move: VolumeMove, observed: Observed, now: float, terminate: list[str]
+) -> Decision:
+    """The next step of moving the job's volume to ``move.to_az`` (no instance alive)."""
+    wait = Decision(job, _terminate(terminate))
+    if move.snapshot_id is None:
+        old = observed.volume
+        if old is None or old.state != "available" or old.attached_to is not None:
+            # Never snapshot a volume a live instance may still write; a volume that
+            # stays busy gives the move up, and the job goes on where it is.
+            if now - move.requested_at > MOVE_WAIT_FOR_VOLUME_SECONDS:
+                return _move_failed(job, observed, now, terminate, "the volume stayed busy")
+            return wait
+        replay = move.snapshot_requested
+        if not replay:
+            job = job.model_copy(
+                update={"move": move.model_copy(update={"snapshot_requested": True})}
+            )
+        return Decision(
+            job, (CreateSnapshot(move.from_volume_id, move.number, replay), *_terminate(terminate))
+        )
+    snapshot = observed.snapshot
+    if snapshot is None:
+        return wait
+    if snapshot.failed:
+        return _move_failed(job, observed, now, terminate, f"snapshot {snapshot.state}")
+    if snapshot.state != "completed":
+        return wait  # the sweep looks again
+    if move.volume_id is None:
+        size = observed.volume.size_gib if observed.volume and observed.volume.size_gib else None
+        create = CreateVolume(
+            move.to_az,
+            size or job.spec.volume_gib,
+            move.snapshot_id,
+            f"{job.job_id}-move-{move.number}",
+            for_move=True,
+        )
+        return Decision(job, (create, *_terminate(terminate)))
+    restored = observed.moved_volume
+    if restored is None or restored.state == "creating":
+        return wait
+    if restored.gone:
+        return _move_failed(job, observed, now, terminate, f"new volume {restored.state}")
+    new = Volume(volume_id=move.volume_id, az=move.to_az, created_by_spotctl=True)
+    kept = (*job.kept_after_moves, move.from_volume_id, move.snapshot_id)
+    job = job.model_copy(update={"volume": new, "move": None, "kept_after_moves": kept})
+    detail = (
+        f"{move.from_volume_id}@{move.from_az} -> {new.volume_id}@{new.az} via {move.snapshot_id}"
+    )
+    job = job.with_event(now, "volume-moved", detail)
+    moved = replace(observed, volume=restored, snapshot=None, moved_volume=None)
+    return _next_attempt(job, moved, now, terminate, why_here=move.reason)
+
+
+def _move_failed(
+    job: Job, observed: Observed, now: float, terminate: list[str], why: str
+) -> Decision:
+    """Drop the move; the job goes on in its volume's zone (which it never left)."""
+    job = apply_move_failed(job, why, now)
+    return _next_attempt(job, observed, now, terminate)
 
 
 def _creates_for(job: Job, attempt: Attempt) -> tuple[Action, ...]:
@@ -399,6 +530,29 @@ def _place_volume(
 def apply_volume_created(job: Job, action: CreateVolume, volume_id: str, now: float) -> Job:
     volume = Volume(volume_id=volume_id, az=action.az, created_by_spotctl=True)
     return job.model_copy(update={"volume": volume}).with_event(now, "volume-created", volume_id)
+
+
+def apply_snapshot_started(job: Job, snapshot_id: str, now: float) -> Job:
+    move = job.move
+    assert move is not None
+    job = job.model_copy(update={"move": move.model_copy(update={"snapshot_id": snapshot_id})})
+    return job.with_event(now, "snapshot-started", f"{snapshot_id} of {move.from_volume_id}")
+
+
+def apply_moved_volume_created(job: Job, volume_id: str, now: float) -> Job:
+    move = job.move
+    assert move is not None
+    job = job.model_copy(update={"move": move.model_copy(update={"volume_id": volume_id})})
+    return job.with_event(now, "volume-restoring", f"{volume_id} in {move.to_az}")
+
+
+def apply_move_failed(job: Job, why: str, now: float) -> Job:
+    """The next pass plans again, in the volume's zone (see ``placement.can_move``)."""
+    move = job.move
+    assert move is not None
+    left = tuple(r for r in (move.snapshot_id, move.volume_id) if r is not None)
+    job = job.model_copy(update={"move": None, "kept_after_moves": (*job.kept_after_moves, *left)})
+    return job.with_event(now, "move-failed", f"to {move.to_az}: {why}")
 
 
 def apply_launched(job: Job, number: int, index: int, instance_id: str, now: float) -> Job:
@@ -466,6 +620,13 @@ def note_rebalance(instance_id: str) -> Callable[[Job, float], Job]:
 
 
 # -- the executor ------------------------------------------------------------------
+
+
+def _price_zones(job: Job, now: float) -> list[str] | None:
+    """Where prices are looked up: every zone when the volume may move, but one zone's
+    for a warned job's replacement (its instance still runs: no move)."""
+    movable = placement.can_move(job, now) and not _warned_and_not_replaced(job)
+    return placement.zones_offered(job, movable)
 
 
 def _instances_to_observe(job: Job) -> list[str]:
@@ -547,8 +708,10 @@ class Reconciler:
             decision = decide(job, observed, now)
         job = decision.job
 
-        if any(isinstance(a, Launch) for a in decision.actions) and job != stored:
-            job = self._save(job, now)  # write ahead: the attempt exists before the instance
+        written_ahead = (Launch, CreateSnapshot)
+        if any(isinstance(a, written_ahead) for a in decision.actions) and job != stored:
+            # Write ahead: the attempt (or move) exists before the instance (or snapshot).
+            job = self._save(job, now)
             stored = job
 
         new_instances: list[tuple[str, int]] = []
@@ -593,7 +756,7 @@ class Reconciler:
         prices: dict[tuple[tuple[str, ...], tuple[str, ...] | None], Mapping[Pool, float]] = {}
 
         def prices_once(job: Job, now: float) -> Mapping[Pool, float]:
-            zones = [job.volume.az] if job.volume else job.spec.availability_zones
+            zones = _price_zones(job, now)
             key = (tuple(job.spec.instance_types), None if zones is None else tuple(zones))
             if key not in prices:
                 prices[key] = self._prices(job, now)
@@ -611,9 +774,12 @@ class Reconciler:
                 finally:
                     sweep_calls += self.calls
             self.calls = []
+            # A job moving its volume needs its snapshot and restored volume looked
+            # at too: its own describes (moves are rare; the batch stays as it is).
+            observe = self._observe if job.move is not None else observation.slice
             try:
                 try:
-                    self._pass_on(job, None, observation.slice, prices_once)
+                    self._pass_on(job, None, observe, prices_once)
                 except ConcurrentUpdate:
                     # Written since the sweep read it: its own pass observes it afresh.
                     sweep_calls += self.calls
@@ -640,7 +806,17 @@ class Reconciler:
         if volume_id is not None:
             self.calls.append("ec2:DescribeVolumes")
             volume = self.ec2.describe_volume(volume_id)
-        return Observed(instances=instances, volume=volume)
+        snapshot = moved_volume = None
+        move = job.move
+        if move is not None and move.snapshot_id is not None:
+            self.calls.append("ec2:DescribeSnapshots")
+            snapshot = self.ec2.describe_snapshot(move.snapshot_id)
+        if move is not None and move.volume_id is not None:
+            self.calls.append("ec2:DescribeVolumes")
+            moved_volume = self.ec2.describe_volume(move.volume_id)
+        return Observed(
+            instances=instances, volume=volume, snapshot=snapshot, moved_volume=moved_volume
+        )
 
     def _observe_many(self, jobs: Sequence[Job]) -> SweepObservation:
         at = self.clock()
@@ -657,7 +833,7 @@ class Reconciler:
         return SweepObservation(instances, volumes, at)
 
     def _prices(self, job: Job, now: float) -> dict[Pool, float]:
-        zones = [job.volume.az] if job.volume else job.spec.availability_zones
+        zones = _price_zones(job, now)
         self.calls.append("ec2:DescribeSpotPriceHistory")
         return self.ec2.spot_prices(job.spec.instance_types, zones, now)
 
@@ -666,11 +842,20 @@ class Reconciler:
         if isinstance(action, CreateVolume):
             self.calls.append("ec2:CreateVolume")
             tags = {"spotctl:job-id": job.job_id, "Name": f"spotctl-{job.spec.name}"}
-            volume_id = self.ec2.create_volume(
-                action.az, action.size_gib, action.snapshot_id, action.client_token, tags
-            )
+            try:
+                volume_id = self.ec2.create_volume(
+                    action.az, action.size_gib, action.snapshot_id, action.client_token, tags
+                )
+            except (Ec2Failure, ResourceMissing) as exc:
+                if not action.for_move:
+                    raise
+                return apply_move_failed(job, f"CreateVolume: {exc}", now)
             logger.info("volume created", extra={**log, "volume_id": volume_id})
+            if action.for_move:
+                return apply_moved_volume_created(job, volume_id, now)
             return apply_volume_created(job, action, volume_id, now)
+        if isinstance(action, CreateSnapshot):
+            return self._snapshot(job, action, now)
         if isinstance(action, Launch):
             if action.replay:
                 adopted = self._adopt_launched(job, action.attempt, now, new)
@@ -704,6 +889,26 @@ class Reconciler:
         self.calls.append("ec2:DeleteVolume")
         self.ec2.delete_volume(action.volume_id)
         return job
+
+    def _snapshot(self, job: Job, action: CreateSnapshot, now: float) -> Job:
+        if action.replay:
+            self.calls.append("ec2:DescribeSnapshots")
+            found = self.ec2.snapshot_of_move(job.job_id, action.move)
+            if found is not None:
+                job = apply_snapshot_started(job, found, now)
+                return job.with_event(now, "snapshot-adopted", f"{found}, found by its tags")
+        self.calls.append("ec2:CreateSnapshot")
+        tags = {
+            "spotctl:job-id": job.job_id,
+            "spotctl:move": str(action.move),
+            "Name": f"spotctl-{job.spec.name}-move-{action.move}",
+        }
+        try:
+            snapshot_id = self.ec2.create_snapshot(action.volume_id, tags)
+        except (Ec2Failure, ResourceMissing, VolumeBusy) as exc:
+            return apply_move_failed(job, f"CreateSnapshot: {exc}", now)
+        logger.info("snapshot started", extra={"job_id": job.job_id, "snapshot_id": snapshot_id})
+        return apply_snapshot_started(job, snapshot_id, now)
 
     def _adopt_launched(
         self, job: Job, number: int, now: float, new: list[tuple[str, int]]

@@ -331,6 +331,8 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "spec": job.spec.model_dump(mode="json", exclude_none=True),
         "updated_at": iso(job.updated_at),
         "volume": job.volume.model_dump() if job.volume else None,
+        "volume_move": job.move.model_dump() if job.move else None,
+        "kept_after_moves": list(job.kept_after_moves),
         "interruptions": interruptions,
         "cost_usd": round(cost, 4),
         "on_demand_cost_usd": round(on_demand, 4),

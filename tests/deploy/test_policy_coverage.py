@@ -69,6 +69,7 @@ RUNTIME_ACTIONS = {
 UNSCOPED_ACTIONS = {
     "ec2:DescribeInstances",
     "ec2:DescribeVolumes",
+    "ec2:DescribeSnapshots",
     "ec2:DescribeSpotPriceHistory",
     "xray:PutTraceSegments",
     "xray:PutTelemetryRecords",
@@ -213,7 +214,10 @@ def scan() -> tuple[list[Call], list[str]]:
                 op = found
                 calls.append(Call(rel, node.lineno, function, f"{service}:{op}"))
                 strings = _strings_in(tree, function, owner)
-                if op in ("RunInstances", "CreateVolume") and "TagSpecifications" in strings:
+                if (
+                    op in ("RunInstances", "CreateVolume", "CreateSnapshot")
+                    and "TagSpecifications" in strings
+                ):
                     calls.append(Call(rel, node.lineno, function, "ec2:CreateTags"))
                 if op == "RunInstances" and "IamInstanceProfile" in strings:
                     calls.append(Call(rel, node.lineno, function, "iam:PassRole"))
@@ -277,6 +281,8 @@ def test_scan_finds_the_calls_the_design_names() -> None:
         "ec2:DescribeInstances",
         "ec2:DescribeVolumes",
         "ec2:DescribeSpotPriceHistory",
+        "ec2:CreateSnapshot",
+        "ec2:DescribeSnapshots",
         "ec2:CreateTags",
         "iam:PassRole",
         "ssm:GetParameter",

@@ -7,10 +7,20 @@ from typing import Any
 
 import pytest
 
-from chalicelib.ec2 import InstanceView, VolumeView
-from chalicelib.models import Attempt, Candidate, Job, JobSpec, JobState, Pool, Volume
+from chalicelib.ec2 import InstanceView, SnapshotView, VolumeView
+from chalicelib.models import (
+    Attempt,
+    Candidate,
+    Job,
+    JobSpec,
+    JobState,
+    Pool,
+    Volume,
+    VolumeMove,
+)
 from chalicelib.reconcile import (
     AttachVolume,
+    CreateSnapshot,
     CreateVolume,
     DeleteVolume,
     Launch,
@@ -26,6 +36,7 @@ POOL = Pool(instance_type="g4dn.xlarge", az=AZ)
 OTHER_TYPE = Pool(instance_type="g5.xlarge", az=AZ)
 OTHER_ZONE = Pool(instance_type="g4dn.xlarge", az="us-east-1b")
 PRICES = {POOL: 0.20, OTHER_TYPE: 0.45, OTHER_ZONE: 0.15}
+HOME_PRICES = {POOL: 0.20, OTHER_TYPE: 0.45}  # spot offered in the volume's zone only
 VOLUME = Volume(volume_id="vol-0123456789abcdef0", az=AZ, created_by_spotctl=True)
 
 
@@ -178,7 +189,7 @@ ROWS = [
     Row(
         "vanished without warning: replacement",
         RUNNING_1,
-        Observed(instances(**{"i-1": "terminated"}), volume("available", None), PRICES),
+        Observed(instances(**{"i-1": "terminated"}), volume("available", None), HOME_PRICES),
         JobState.RECOVERING,
         [Launch],
         attempts=2,
@@ -186,7 +197,7 @@ ROWS = [
     Row(
         "instance missing from EC2 altogether: replacement",
         RUNNING_1,
-        Observed(instances(**{"i-1": "missing"}), volume("available", None), PRICES),
+        Observed(instances(**{"i-1": "missing"}), volume("available", None), HOME_PRICES),
         JobState.RECOVERING,
         [Launch],
         attempts=2,
@@ -438,3 +449,234 @@ def test_without_observation_anything_else_asks_to_observe(situation: Job) -> No
     assert decision.needs_observation
     assert decision.actions == ()
     assert decision.job == situation
+
+
+# -- moving the volume to another zone ----------------------------------------------
+
+ELSEWHERE = "us-east-1b"
+RECLAIMED_1 = job(
+    JobState.RECOVERING,
+    (attempt(1, "i-1", running_at=NOW - 3000, ended_at=NOW - 60, end_reason="reclaimed"),),
+)
+MOVE = VolumeMove(
+    number=1,
+    from_volume_id=VOLUME.volume_id,
+    from_az=AZ,
+    to_az=ELSEWHERE,
+    reason=f"move from zone {AZ} to zone {ELSEWHERE}: spot in g4dn.xlarge@{ELSEWHERE}",
+    requested_at=NOW - 120,
+    snapshot_requested=True,
+)
+SNAPSHOT = "snap-0123456789abcdef0"
+NEW_VOLUME = "vol-0fedcba9876543210"
+
+
+def moving(**step: Any) -> Job:
+    return RECLAIMED_1.model_copy(update={"move": MOVE.model_copy(update=step), "moves": 1})
+
+
+def restored(state: str) -> VolumeView:
+    return VolumeView(NEW_VOLUME, state, ELSEWHERE, 50)
+
+
+FREE = volume("available", None)
+
+
+@dataclass
+class MoveRow:
+    name: str
+    job: Job
+    observed: Observed
+    actions: list[type]
+    move: VolumeMove | None  # the record's move after the decision
+    volume_az: str = AZ  # the job's volume's zone after the decision
+    launch_az: str | None = None  # the new attempt's zone, if one is planned
+
+
+MOVE_ROWS = [
+    MoveRow(
+        "cheaper zone, volume free, no instance alive: snapshot written ahead",
+        RECLAIMED_1,
+        Observed({}, FREE, PRICES),
+        [CreateSnapshot],
+        MOVE.model_copy(update={"requested_at": NOW, "reason": ""}),
+    ),
+    MoveRow(
+        "cheaper zone but the volume is still attached: no move, launch at home",
+        RUNNING_1,
+        Observed(instances(**{"i-1": "stopped"}), volume(), PRICES),
+        [Launch, Terminate],
+        None,
+        launch_az=AZ,
+    ),
+    MoveRow(
+        "a volume the user brought never moves",
+        RECLAIMED_1.model_copy(
+            update={"volume": VOLUME.model_copy(update={"created_by_spotctl": False})}
+        ),
+        Observed({}, FREE, PRICES),
+        [Launch],
+        None,
+        launch_az=AZ,
+    ),
+    MoveRow(
+        "move planned but the old volume still in use: wait, no snapshot",
+        moving(snapshot_requested=False),
+        Observed({}, volume("in-use", "i-1"), PRICES),
+        [],
+        MOVE.model_copy(update={"snapshot_requested": False}),
+    ),
+    MoveRow(
+        "move planned but the old volume stays busy past the limit: give up, stay home",
+        moving(snapshot_requested=False, requested_at=NOW - 700),
+        Observed({}, volume("in-use", "i-1"), PRICES),
+        [Launch],
+        None,
+        launch_az=AZ,
+    ),
+    MoveRow(
+        "snapshot written ahead but not recorded: replay finds it by tag",
+        moving(),
+        Observed({}, FREE, PRICES),
+        [CreateSnapshot],
+        MOVE,
+    ),
+    MoveRow(
+        "snapshot pending: wait",
+        moving(snapshot_id=SNAPSHOT),
+        Observed({}, FREE, PRICES, snapshot=SnapshotView(SNAPSHOT, "pending")),
+        [],
+        MOVE.model_copy(update={"snapshot_id": SNAPSHOT}),
+    ),
+    MoveRow(
+        "snapshot completed: restore it in the target zone",
+        moving(snapshot_id=SNAPSHOT),
+        Observed({}, FREE, PRICES, snapshot=SnapshotView(SNAPSHOT, "completed")),
+        [CreateVolume],
+        MOVE.model_copy(update={"snapshot_id": SNAPSHOT}),
+    ),
+    MoveRow(
+        "restored volume still creating: wait",
+        moving(snapshot_id=SNAPSHOT, volume_id=NEW_VOLUME),
+        Observed(
+            {},
+            FREE,
+            PRICES,
+            snapshot=SnapshotView(SNAPSHOT, "completed"),
+            moved_volume=restored("creating"),
+        ),
+        [],
+        MOVE.model_copy(update={"snapshot_id": SNAPSHOT, "volume_id": NEW_VOLUME}),
+    ),
+    MoveRow(
+        "restored volume available: it becomes the job's, launch in the target zone",
+        moving(snapshot_id=SNAPSHOT, volume_id=NEW_VOLUME),
+        Observed(
+            {},
+            FREE,
+            PRICES,
+            snapshot=SnapshotView(SNAPSHOT, "completed"),
+            moved_volume=restored("available"),
+        ),
+        [Launch],
+        None,
+        volume_az=ELSEWHERE,
+        launch_az=ELSEWHERE,
+    ),
+    MoveRow(
+        "snapshot failed: fall back to the volume's zone",
+        moving(snapshot_id=SNAPSHOT),
+        Observed({}, FREE, PRICES, snapshot=SnapshotView(SNAPSHOT, "error")),
+        [Launch],
+        None,
+        launch_az=AZ,
+    ),
+    MoveRow(
+        "restored volume failed: fall back to the volume's zone",
+        moving(snapshot_id=SNAPSHOT, volume_id=NEW_VOLUME),
+        Observed(
+            {},
+            FREE,
+            PRICES,
+            snapshot=SnapshotView(SNAPSHOT, "completed"),
+            moved_volume=restored("error"),
+        ),
+        [Launch],
+        None,
+        launch_az=AZ,
+    ),
+]
+
+
+@pytest.mark.parametrize("row", MOVE_ROWS, ids=[row.name for row in MOVE_ROWS])
+def test_decide_moves(row: MoveRow) -> None:
+    decision = decide(row.job, row.observed, NOW)
+    assert [type(a) for a in decision.actions] == row.actions
+    move = decision.job.move
+    if row.move is None:
+        assert move is None
+    else:
+        assert move is not None
+        ignore = {"reason"} if not row.move.reason else set()
+        assert move.model_dump(exclude=ignore) == row.move.model_dump(exclude=ignore)
+        assert decision.job.state == JobState.RECOVERING
+    assert decision.job.volume is not None
+    assert decision.job.volume.az == row.volume_az
+    launched = decision.job.attempts[len(row.job.attempts) :]
+    if row.launch_az is None:
+        assert launched == ()
+    else:
+        assert [a.candidates[0].pool.az for a in launched] == [row.launch_az]
+    # Nothing in any step deletes a volume.
+    assert not any(isinstance(a, DeleteVolume) for a in decision.actions)
+
+
+def test_a_move_records_why_and_the_launch_after_it_says_so() -> None:
+    planned = decide(RECLAIMED_1, Observed({}, FREE, PRICES), NOW)
+    move = planned.job.move
+    assert move is not None
+    assert move.reason.startswith(f"move from zone {AZ} to zone {ELSEWHERE}: ")
+    assert planned.job.timeline[-1].kind == "moving-volume"
+    snapshot = planned.actions[0]
+    assert isinstance(snapshot, CreateSnapshot)
+    assert (snapshot.volume_id, snapshot.move, snapshot.replay) == (VOLUME.volume_id, 1, False)
+
+    done = moving(snapshot_id=SNAPSHOT, volume_id=NEW_VOLUME)
+    seen = Observed(
+        {},
+        FREE,
+        PRICES,
+        snapshot=SnapshotView(SNAPSHOT, "completed"),
+        moved_volume=restored("available"),
+    )
+    decision = decide(done, seen, NOW)
+    assert decision.job.volume == Volume(
+        volume_id=NEW_VOLUME, az=ELSEWHERE, created_by_spotctl=True
+    )
+    assert decision.job.kept_after_moves == (VOLUME.volume_id, SNAPSHOT)
+    assert decision.job.attempts[-1].reason.startswith(MOVE.reason)
+    assert decision.job.state == JobState.RECOVERING
+
+
+def test_the_restore_is_idempotent_and_the_same_size() -> None:
+    seen = Observed({}, FREE, PRICES, snapshot=SnapshotView(SNAPSHOT, "completed"))
+    first = decide(moving(snapshot_id=SNAPSHOT), seen, NOW).actions[0]
+    again = decide(moving(snapshot_id=SNAPSHOT), seen, NOW + 30).actions[0]
+    assert first == again
+    assert first == CreateVolume(ELSEWHERE, 50, SNAPSHOT, "j-0000000000000001-move-1", True)
+
+
+def test_after_a_failed_move_the_job_stays_home_for_a_while() -> None:
+    failed = moving(snapshot_id=SNAPSHOT)
+    seen = Observed({}, FREE, PRICES, snapshot=SnapshotView(SNAPSHOT, "error"))
+    decision = decide(failed, seen, NOW)
+    assert any(e.kind == "move-failed" for e in decision.job.timeline)
+    assert decision.job.kept_after_moves == (SNAPSHOT,)
+    ended = decision.job.replace_attempt(
+        decision.job.attempts[-1].model_copy(
+            update={"instance_id": "i-9", "ended_at": NOW + 10, "end_reason": "reclaimed"}
+        )
+    )
+    later = decide(ended, Observed({}, FREE, PRICES), NOW + 600)
+    assert later.job.move is None
+    assert later.job.attempts[-1].candidates[0].pool.az == AZ
