@@ -70,6 +70,7 @@ from chalicelib.errors import (
 from chalicelib.log import logger
 from chalicelib.models import Attempt, Candidate, Job, Pool
 from chalicelib.reconcile import Launch, Observed, Reconciler, apply_launched, decide, note_warning
+from chalicelib.store import TTL_ATTRIBUTE
 from chalicelib.userdata import (
     USER_DATA_LIMIT_BYTES,
     AgentParams,
@@ -96,6 +97,9 @@ STORM_WARNINGS = 10
 # pool's reclaim spreads its warnings over two minutes.
 STORM_HOLD_SECONDS = 180.0
 _STORM_KEY = {"pk": {"S": "STORM"}}
+# A batch's record is only read by a retry of the same delivery (minutes); DynamoDB's
+# time to live removes it a week later, so storms do not grow the table forever.
+BATCH_RECORD_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,7 @@ class BatchLog:
                 Item={
                     "pk": {"S": f"BATCH#{token}"},
                     "created": {"N": f"{now:.3f}"},
+                    TTL_ATTRIBUTE: {"N": str(int(now) + BATCH_RECORD_DAYS * 86400)},
                     "doc": {"S": json.dumps(doc)},
                 },
                 ConditionExpression="attribute_not_exists(pk)",

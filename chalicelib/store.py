@@ -242,8 +242,14 @@ def table_definition(table_name: str) -> dict[str, Any]:
     }
 
 
+# Bookkeeping items (a batch's write-ahead record) carry this epoch-seconds attribute;
+# DynamoDB's time to live deletes them after it. Jobs and attempts never carry it.
+TTL_ATTRIBUTE = "expires_at"
+
+
 def create_table(client: DynamoDBClient, table_name: str) -> None:
-    """Create the jobs table if it does not exist (sandbox, tests, bootstrap)."""
+    """Create the jobs table if it does not exist, with its time to live (sandbox, tests,
+    bootstrap)."""
     definition = table_definition(table_name)
     try:
         client.create_table(**definition)
@@ -253,3 +259,9 @@ def create_table(client: DynamoDBClient, table_name: str) -> None:
     client.get_waiter("table_exists").wait(
         TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
     )
+    ttl = client.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
+    if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+        client.update_time_to_live(
+            TableName=table_name,
+            TimeToLiveSpecification={"AttributeName": TTL_ATTRIBUTE, "Enabled": True},
+        )

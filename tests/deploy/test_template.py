@@ -26,7 +26,7 @@ from app import (
     WARNINGS_MAX_CONCURRENCY,
 )
 from chalicelib import events
-from chalicelib.store import table_definition
+from chalicelib.store import TTL_ATTRIBUTE, table_definition
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -142,6 +142,10 @@ def test_the_table_matches_what_the_store_queries(template) -> None:
         expected["AttributeDefinitions"], key=str
     )
     assert table["DeletionPolicy"] == "Retain"
+    assert properties["TimeToLiveSpecification"] == {
+        "AttributeName": TTL_ATTRIBUTE,
+        "Enabled": True,
+    }
 
 
 def test_the_bucket_is_encrypted_private_and_kept(template) -> None:

@@ -7,9 +7,12 @@ import time
 from collections import Counter
 from typing import Any
 
+import boto3
+
 from chalicelib import runtime
 from chalicelib.batch import BatchRecovery, recovery_for
-from tests.functional.conftest import Env
+from chalicelib.store import TTL_ATTRIBUTE
+from tests.functional.conftest import TABLE, Env
 
 ZONE = "us-east-1a"
 
@@ -152,3 +155,20 @@ def test_reap_terminates_only_batch_instances_no_job_took(env: Env) -> None:
     }
     assert all(states[i] == "running" for i in kept)
     assert all(states[i] in ("shutting-down", "terminated") for i in orphans)
+
+
+def test_batch_records_expire_and_jobs_do_not(env: Env) -> None:
+    jobs = running_jobs(env, 3)
+    env.clock.advance(30)
+    recovery().recover(list(jobs.values()))
+
+    dynamodb = boto3.client("dynamodb", region_name="us-east-1")
+    ttl = dynamodb.describe_time_to_live(TableName=TABLE)["TimeToLiveDescription"]
+    assert ttl == {"TimeToLiveStatus": "ENABLED", "AttributeName": TTL_ATTRIBUTE}
+    items = dynamodb.scan(TableName=TABLE)["Items"]
+    (record,) = [i for i in items if i["pk"]["S"].startswith("BATCH#")]
+    week = float(record[TTL_ATTRIBUTE]["N"]) - float(record["created"]["N"])
+    assert 7 * 86400 - 1 <= week <= 7 * 86400
+    kept = [i["pk"]["S"] for i in items if not i["pk"]["S"].startswith("BATCH#")]
+    assert any(pk.startswith("JOB#") for pk in kept)
+    assert all(TTL_ATTRIBUTE not in i for i in items if i["pk"]["S"] in kept)
