@@ -8,7 +8,10 @@ Semantics are those of "Can't Be Late" (Wu et al., NSDI '24), as DESIGN.md fixes
   instance in a tick whose trace says 1 is preempted at the tick's start;
 - every start of a new instance (after a switch or a preemption) pays the restart
   overhead: billed time without progress; a start in another AZ than the data volume
-  also pays the migration overhead, and the volume moves there;
+  also pays the migration overhead, first: the volume is in the new AZ only once that
+  instance has paid the migration part (snapshot + restore). An instance that ends
+  before (preempted, or the policy switches kind or AZ or idles) leaves the volume
+  where it was, and the next start outside that AZ pays the migration again;
 - cost is billed per second at the spot or on-demand price, until the work is done;
 - a run is judged by cost / cost of on-demand alone (job hours x on-demand price,
   no restart) and by whether the job finished by the deadline. A run that misses it
@@ -87,7 +90,7 @@ class RunResult:
     interruptions: int
     on_demand_hours: float
     spot_hours: float
-    migrations: int
+    migrations: int  # volume moves completed (a start abandoned mid-move is not one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +149,8 @@ def simulate_run(
     spot_hours = 0.0
     kind = Kind.NONE
     az = 0
-    volume_az: int | None = None
+    volume_az: int | None = None  # where the data volume is (as the policy sees it)
+    moving = False  # the current instance is still paying a move of the volume to az
     pending = 0.0
     run_started = 0.0
     run_startup = 0.0
@@ -161,6 +165,7 @@ def simulate_run(
             interruptions += 1
             kind = Kind.NONE
             pending = 0.0
+            moving = False
         state = TickState(
             tick=tick,
             elapsed_hours=t,
@@ -184,12 +189,17 @@ def simulate_run(
         if new_kind is Kind.NONE:
             kind = Kind.NONE
             pending = 0.0
+            moving = False
         elif new_kind is not kind or new_az != az:
+            # A new instance: the migration (if any) is paid first, then the restart.
             pending = d
-            if volume_az is not None and new_az != volume_az:
+            moving = False
+            if volume_az is None:
+                volume_az = new_az  # the first start creates the volume where it runs
+            elif new_az != volume_az:
                 pending += m
-                migrations += 1
-            kind, az, volume_az = new_kind, new_az, new_az
+                moving = True
+            kind, az = new_kind, new_az
             run_started, run_startup = t, pending
         if timeline is not None:
             timeline.append((kind, az))
@@ -198,6 +208,11 @@ def simulate_run(
             step = min(gap, job.deadline_hours - t)
             overhead = min(pending, step)
             pending -= overhead
+            if moving and pending <= d + _EPS:
+                # The migration part is paid: the volume is in the new AZ now.
+                volume_az = az
+                moving = False
+                migrations += 1
             productive = step - overhead
             used = step
             if done + productive >= job.job_hours - _EPS:

@@ -115,6 +115,82 @@ def test_preemption_restart_and_migration_are_paid_in_time_and_money() -> None:
     assert run.cost == pytest.approx(4.0 * 0.97)
 
 
+class Scripted:
+    """Plays a fixed (kind, AZ) per tick and records the states it was shown."""
+
+    name = "scripted"
+
+    def __init__(self, script: list[tuple[Kind, int]]) -> None:
+        self.script = script
+        self.seen: list[TickState] = []
+
+    def reset(self, start_tick: int) -> None:
+        self.seen = []
+
+    def decide(self, state: TickState) -> tuple[Kind, int]:
+        self.seen.append(state)
+        return self.script[min(state.tick, len(self.script) - 1)]
+
+
+def two_azs(ticks: int = 12) -> list[sim.Trace]:
+    return [trace("0" * ticks, az="a"), trace("0" * ticks, az="b")]
+
+
+def test_a_kind_switch_before_the_volume_arrives_pays_the_migration_again() -> None:
+    job = sim.JobSpec(
+        job_hours=2, deadline_hours=10, restart_overhead_hours=0.5, migration_overhead_hours=2
+    )
+    chooser = Scripted([(OD, 0), (OD, 1), (S, 1)])
+    run = sim.simulate_run(two_azs(), job, chooser, 0)
+    # t0: volume created in AZ 0, 0.5 restart + 0.5 work. t1: on-demand in AZ 1 owes
+    # 2 migration + 0.5 restart, pays 1. t2: spot in AZ 1 is a new instance before the
+    # volume got there: 2.5 again, paid by t=4.5; then 1.5 h of work, done at t=6.
+    assert [st.volume_az for st in chooser.seen] == [None, 0, 0, 0, 1, 1]
+    assert chooser.seen[3].run_startup_hours == pytest.approx(2.5)
+    assert run.migrations == 1
+    assert run.finish_hours == pytest.approx(6.0)
+    assert run.cost == pytest.approx(2 * 3.06 + 4 * 0.97)
+    # Cut short by the deadline before the second start has paid its move: no move.
+    short = sim.JobSpec(
+        job_hours=2, deadline_hours=3.5, restart_overhead_hours=0.5, migration_overhead_hours=2
+    )
+    cut = sim.simulate_run(two_azs(), short, Scripted([(OD, 0), (OD, 1), (S, 1)]), 0)
+    assert not cut.met_deadline
+    assert cut.migrations == 0
+
+
+def test_a_preempted_move_leaves_the_volume_home() -> None:
+    job = sim.JobSpec(
+        job_hours=2, deadline_hours=10, restart_overhead_hours=0.5, migration_overhead_hours=2
+    )
+    traces = [trace("0" * 12, az="a"), trace("00" + "1" * 10, az="b")]
+    chooser = Scripted([(OD, 0), (S, 1), (OD, 0)])
+    run = sim.simulate_run(traces, job, chooser, 0)
+    # t0: 0.5 restart + 0.5 work in AZ 0. t1: spot in AZ 1 owes 2.5, pays 1; t2: it is
+    # preempted, the volume never left AZ 0, so on-demand back there pays d only.
+    assert [st.volume_az for st in chooser.seen] == [None, 0, 0, 0]
+    assert chooser.seen[3].run_startup_hours == pytest.approx(0.5)
+    assert run.interruptions == 1
+    assert run.migrations == 0
+    assert run.finish_hours == pytest.approx(4.0)
+    assert run.cost == pytest.approx(3 * 3.06 + 0.97)
+
+
+def test_a_kind_switch_after_a_completed_move_pays_only_the_restart() -> None:
+    job = sim.JobSpec(
+        job_hours=3, deadline_hours=10, restart_overhead_hours=0.5, migration_overhead_hours=1
+    )
+    chooser = Scripted([(S, 0), (OD, 1), (OD, 1), (S, 1)])
+    run = sim.simulate_run(two_azs(), job, chooser, 0)
+    # t0: 0.5 restart + 0.5 work in AZ 0. t1: on-demand in AZ 1 pays the 1 h move, the
+    # volume is there from t=2; 0.5 restart + 0.5 work. t3: spot in AZ 1: restart only.
+    assert [st.volume_az for st in chooser.seen] == [None, 0, 1, 1, 1, 1]
+    assert chooser.seen[4].run_startup_hours == pytest.approx(0.5)
+    assert run.migrations == 1
+    assert run.finish_hours == pytest.approx(5.5)
+    assert run.cost == pytest.approx(2 * 3.06 + 3.5 * 0.97)
+
+
 def test_trace_shorter_than_the_deadline_wraps_around() -> None:
     job = sim.JobSpec(job_hours=3, deadline_hours=6, restart_overhead_hours=0.0)
     timeline: list[tuple[Kind, int]] = []
