@@ -35,7 +35,8 @@ unless it bills the same (it keeps every tick's table: ~1.5 GB for four AZs).
 Default scenarios, 100 starts each: (a) the 32 single-AZ scenarios of aws-10-26-2022
 (every trace x deadline {52, 70} h x restart overhead {0.05, 0.2} h); (b) us-east-1a_v100_1
 at 52 h with 0.2 h and 0.05 h; (c) us-east-1{a,c,d,f}_v100_1 together at 52 h / 0.2 h,
-migration 0.25 h. Measured: about 3 min on 2 cores (the four-AZ scenario dominates).
+migration 0.25 h. Measured: 7.5 min of CPU in all, so about 4 min on 2 idle cores (10 min
+wall on a 2-core machine shared with other jobs, load ~5); the four-AZ scenario is ~70 %.
 """
 
 from __future__ import annotations
@@ -377,7 +378,7 @@ class Outcome:
         return {
             "group": self.scenario.group,
             "name": self.scenario.name,
-            "traces": [str(Path(f).relative_to(ROOT)) for f in self.scenario.files],
+            "traces": [_shown(f) for f in self.scenario.files],
             "job": asdict(self.scenario.job),
             "unit_seconds": self.unit_seconds,
             "starts": len(self.start_ticks),
@@ -390,6 +391,12 @@ class Outcome:
                 round(c, 6) if math.isfinite(c) else None for c in self.normalized_costs
             ],
         }
+
+
+def _shown(path: str) -> str:
+    """A trace's path relative to the repository when it is inside it."""
+    p = Path(path)
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else path
 
 
 @cache
