@@ -1,19 +1,23 @@
 """`spotctl bootstrap`: create what `chalice deploy` does not, idempotently.
 
-For one stage: the jobs table (on-demand, point-in-time recovery), the results
-bucket (encrypted, private, TLS only, versioned), the instance role and profile
+For one stage: the jobs table (on-demand, point-in-time recovery, time to live), the
+results bucket (encrypted, private, TLS only, versioned), the instance role and profile
 (the job prefixes of that bucket, nothing else), the dead-letter queue for EventBridge
-deliveries, the signing key (an SSM SecureString, created once and never replaced),
-and the EC2 Spot service-linked role. It then writes the bucket's name into
-``.chalice/config.json`` for the stage. Run again after the first `chalice deploy`,
-it also records the API's URL there (the instances report to it; a redeploy passes
-it to the functions) and points the EventBridge rules Chalice made at the
-dead-letter queue.
+deliveries, the interruption-warnings queue (with its own dead-letter queue) and the
+rule that fills it, the signing key (an SSM SecureString, created once and never
+replaced), and the EC2 Spot service-linked role. The queue, its DLQ, the rule and the
+queue policy are those of ``infra/resources.yaml``; ``on_interruption_warning_batch``
+reads the queue, and `chalice deploy` can map it only once it exists. It then writes the
+bucket's name into ``.chalice/config.json`` for the stage. Run again after the first
+`chalice deploy`, it also records the API's URL there (the instances report to it; a
+redeploy passes it to the functions) and points the EventBridge rules Chalice made at
+the dead-letter queue.
 
 Every step reads first and writes only what differs, so a second run changes
 nothing. The names are the ones ``.chalice/config.json`` and the stage's IAM policy
 use: ``spotctl-<stage>-jobs``, ``spotctl-<stage>-instance``,
-``spotctl-<stage>-events-dlq``, ``/spotctl/<stage>/signing-key``.
+``spotctl-<stage>-events-dlq``, ``spotctl-<stage>-interruption-warnings`` (and
+``…-dlq``), ``/spotctl/<stage>/signing-key``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib.store import create_table
+from chalicelib.events import INTERRUPTION_WARNING_PATTERN
+from chalicelib.store import TTL_ATTRIBUTE, create_table
 
 if TYPE_CHECKING:
     import boto3
@@ -36,6 +41,16 @@ if TYPE_CHECKING:
 SPOT_SERVICE_ROLE = "AWSServiceRoleForEC2Spot"
 SPOT_SERVICE_ROLE_PATH = "/aws-service-role/spot.amazonaws.com/"
 DLQ_RETENTION_SECONDS = "1209600"  # 14 days, the most SQS keeps
+# The interruption-warnings queue, as InterruptionWarningsQueue in infra/resources.yaml:
+# visibility at least the batch handler's 60 s timeout (Lambda requires it), retention
+# short (a warning is stale once its instance is gone), three receives, then its DLQ.
+WARNINGS_VISIBILITY_SECONDS = "90"
+WARNINGS_RETENTION_SECONDS = "600"
+WARNINGS_MAX_RECEIVES = 3
+# The rule's target, as InterruptionWarningsToQueue's: the warning's two minutes.
+WARNINGS_TARGET_ID = "interruption-warnings-queue"
+WARNINGS_RETRY_POLICY = {"MaximumEventAgeInSeconds": 120, "MaximumRetryAttempts": 10}
+WARNINGS_RULE_DESCRIPTION = "spot interruption warnings to the batch recovery queue"
 _MISSING = {
     "NoSuchEntity",
     "NoSuchBucket",
@@ -67,6 +82,26 @@ def _same_json(text: str | dict[str, Any] | None, document: dict[str, Any]) -> b
     return _json(loaded) == _json(document)
 
 
+def _same_attribute(current: str | None, wanted: str) -> bool:
+    """SQS and EventBridge hand back JSON attributes re-serialised; compare their meaning."""
+    if current == wanted:
+        return True
+    if current is None or not wanted.startswith("{"):
+        return False
+    try:
+        loaded, expected = json.loads(current), json.loads(wanted)
+    except ValueError:
+        return False
+
+    def scalars_as_text(document: Any) -> Any:
+        # A redrive policy's maxReceiveCount may come back as 3 or as "3".
+        if not isinstance(document, dict):
+            return document
+        return {k: str(v) if isinstance(v, int | float) else v for k, v in document.items()}
+
+    return _json(scalars_as_text(loaded)) == _json(scalars_as_text(expected))
+
+
 @dataclass(frozen=True)
 class Names:
     stage: str
@@ -88,6 +123,20 @@ class Names:
     @property
     def queue(self) -> str:
         return f"spotctl-{self.stage}-events-dlq"
+
+    @property
+    def warnings_queue(self) -> str:
+        return f"spotctl-{self.stage}-interruption-warnings"  # SPOTCTL_WARNINGS_QUEUE
+
+    @property
+    def warnings_dlq(self) -> str:
+        return f"spotctl-{self.stage}-interruption-warnings-dlq"
+
+    @property
+    def warnings_rule(self) -> str:
+        # In the stage's rule prefix, so the dead-letter queue's policy lets it write
+        # there; named after the template's logical id, which no Chalice handler uses.
+        return f"{self.rule_prefix}InterruptionWarningsToQueue"
 
     @property
     def signing_key(self) -> str:
@@ -167,6 +216,23 @@ def queue_policy(names: Names, queue_arn: str) -> dict[str, Any]:
     }
 
 
+def warnings_queue_policy(queue_arn: str, rule_arn: str) -> dict[str, Any]:
+    """Only the warnings rule may write to the warnings queue (same as the template)."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "TheWarningsRuleOnly",
+                "Effect": "Allow",
+                "Principal": {"Service": "events.amazonaws.com"},
+                "Action": "sqs:SendMessage",
+                "Resource": queue_arn,
+                "Condition": {"ArnEquals": {"aws:SourceArn": rule_arn}},
+            }
+        ],
+    }
+
+
 _PUBLIC_ACCESS_BLOCK = {
     "BlockPublicAcls": True,
     "IgnorePublicAcls": True,
@@ -211,6 +277,7 @@ class Bootstrap:
         self.ensure_instance_role()
         self.ensure_spot_service_role()
         queue_arn = self.ensure_dead_letter_queue()
+        self.ensure_interruption_warnings(queue_arn)
         self.ensure_signing_key()
         self.ensure_rule_dead_letters(queue_arn)
         self.ensure_stage_config()
@@ -238,6 +305,14 @@ class Bootstrap:
                 PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True},
             )
             self._changed(f"enabled point-in-time recovery on {self.names.table}")
+        # create_table sets it on a new table; a table made before it did gets it here.
+        ttl = dynamodb.describe_time_to_live(TableName=self.names.table)["TimeToLiveDescription"]
+        if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
+            dynamodb.update_time_to_live(
+                TableName=self.names.table,
+                TimeToLiveSpecification={"AttributeName": TTL_ATTRIBUTE, "Enabled": True},
+            )
+            self._changed(f"enabled time to live on {TTL_ATTRIBUTE} of {self.names.table}")
 
     # -- S3 ------------------------------------------------------------------------
 
@@ -337,27 +412,96 @@ class Bootstrap:
     # -- SQS and EventBridge ----------------------------------------------------------
 
     def ensure_dead_letter_queue(self) -> str:
-        sqs = self.client("sqs")
-        try:
-            url = sqs.get_queue_url(QueueName=self.names.queue)["QueueUrl"]
-        except ClientError as exc:
-            if not _missing(exc):
-                raise
-            url = sqs.create_queue(
-                QueueName=self.names.queue,
-                Attributes={
-                    "MessageRetentionPeriod": DLQ_RETENTION_SECONDS,
-                    "SqsManagedSseEnabled": "true",
-                },
-            )["QueueUrl"]
-            self._changed(f"created queue {self.names.queue}")
-        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        url, attributes = self._ensure_queue(
+            self.names.queue,
+            {"MessageRetentionPeriod": DLQ_RETENTION_SECONDS, "SqsManagedSseEnabled": "true"},
+        )
         arn: str = attributes["QueueArn"]
         wanted = queue_policy(self.names, arn)
         if not _same_json(attributes.get("Policy"), wanted):
+            sqs = self.client("sqs")
             sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": _json(wanted)})
             self._changed(f"let this stage's EventBridge rules write to {self.names.queue}")
         return arn
+
+    def _ensure_queue(self, name: str, wanted: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """The queue ``name`` with the ``wanted`` attributes; its URL and attributes."""
+        sqs = self.client("sqs")
+        try:
+            url: str = sqs.get_queue_url(QueueName=name)["QueueUrl"]
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            url = sqs.create_queue(QueueName=name, Attributes=wanted)["QueueUrl"]
+            self._changed(f"created queue {name}")
+        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        stale = {k: v for k, v in wanted.items() if not _same_attribute(attributes.get(k), v)}
+        if stale:
+            sqs.set_queue_attributes(QueueUrl=url, Attributes=stale)
+            attributes.update(stale)
+            self._changed(f"set {', '.join(sorted(stale))} of queue {name}")
+        return url, attributes
+
+    def ensure_interruption_warnings(self, dead_letter_arn: str) -> None:
+        """The queue `on_interruption_warning_batch` reads, its DLQ, and the rule that puts
+        every interruption warning on it (failed deliveries to ``dead_letter_arn``)."""
+        _, dlq = self._ensure_queue(
+            self.names.warnings_dlq,
+            {"MessageRetentionPeriod": DLQ_RETENTION_SECONDS, "SqsManagedSseEnabled": "true"},
+        )
+        redrive = {"deadLetterTargetArn": dlq["QueueArn"], "maxReceiveCount": WARNINGS_MAX_RECEIVES}
+        url, queue = self._ensure_queue(
+            self.names.warnings_queue,
+            {
+                "SqsManagedSseEnabled": "true",
+                "VisibilityTimeout": WARNINGS_VISIBILITY_SECONDS,
+                "MessageRetentionPeriod": WARNINGS_RETENTION_SECONDS,
+                "RedrivePolicy": _json(redrive),
+            },
+        )
+        queue_arn = queue["QueueArn"]
+
+        events = self.client("events")
+        rule = self.names.warnings_rule
+        wanted_rule = {
+            "EventPattern": _json(INTERRUPTION_WARNING_PATTERN),
+            "State": "ENABLED",
+            "Description": WARNINGS_RULE_DESCRIPTION,
+        }
+        try:
+            current = events.describe_rule(Name=rule)
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            current = None
+        if current is None or any(
+            not _same_attribute(current.get(k), v) for k, v in wanted_rule.items()
+        ):
+            rule_arn: str = events.put_rule(Name=rule, **wanted_rule)["RuleArn"]
+            verb = "created" if current is None else "updated"
+            self._changed(f"{verb} rule {rule}")
+        else:
+            rule_arn = current["Arn"]
+        target = {
+            "Id": WARNINGS_TARGET_ID,
+            "Arn": queue_arn,
+            "DeadLetterConfig": {"Arn": dead_letter_arn},
+            "RetryPolicy": WARNINGS_RETRY_POLICY,
+        }
+        targets = events.list_targets_by_rule(Rule=rule)["Targets"]
+        current_target: dict[str, Any] = next(
+            (t for t in targets if t["Id"] == WARNINGS_TARGET_ID), {}
+        )
+        if {k: current_target.get(k) for k in target} != target:
+            events.put_targets(Rule=rule, Targets=[target])
+            self._changed(f"pointed rule {rule} at queue {self.names.warnings_queue}")
+
+        policy = warnings_queue_policy(queue_arn, rule_arn)
+        if not _same_json(queue.get("Policy"), policy):
+            self.client("sqs").set_queue_attributes(
+                QueueUrl=url, Attributes={"Policy": _json(policy)}
+            )
+            self._changed(f"let only rule {rule} write to {self.names.warnings_queue}")
 
     def ensure_rule_dead_letters(self, queue_arn: str) -> None:
         """Rules `chalice deploy` made (none before the first deploy) get the queue."""
@@ -449,7 +593,7 @@ def register(subparsers: Any) -> None:
     """Add `spotctl bootstrap` to the CLI's subcommands."""
     parser = subparsers.add_parser(
         "bootstrap",
-        help="create the table, bucket, roles, queue and key `chalice deploy` needs",
+        help="create the table, bucket, roles, queues, rule and key `chalice deploy` needs",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
     parser.add_argument("--stage", choices=["dev", "prod"], default="dev")

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 from collections.abc import Iterator
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
 import boto3
 import pytest
+import yaml
 from moto import mock_aws
 
+from chalicelib import events as ec2_events
 from spotctl.bootstrap import Bootstrap, Names, register
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,6 +59,9 @@ def test_first_run_creates_every_resource_and_second_run_changes_nothing(session
     assert "created role spotctl-dev-instance" in first
     assert "created instance profile spotctl-dev-instance" in first
     assert "created queue spotctl-dev-events-dlq" in first
+    assert "created queue spotctl-dev-interruption-warnings" in first
+    assert "created queue spotctl-dev-interruption-warnings-dlq" in first
+    assert "created rule spotctl-dev-InterruptionWarningsToQueue" in first
     assert "created the signing key /spotctl/dev/signing-key" in first
 
     calls = record_calls(session)
@@ -151,3 +158,223 @@ def test_register_adds_the_bootstrap_subcommand() -> None:
     args = parser.parse_args(["bootstrap", "--stage", "prod", "--region", "eu-west-1"])
     assert (args.stage, args.region, args.config) == ("prod", "eu-west-1", ".chalice/config.json")
     assert callable(args.func)
+
+
+# -- the interruption-warnings queue, as infra/resources.yaml has it ---------------------
+
+
+class _CfnLoader(yaml.SafeLoader):
+    """CloudFormation's short-form tags (!Ref, !Sub, !GetAtt) as {"Fn::X": value}."""
+
+
+def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+        if suffix == "GetAtt":
+            value = value.split(".", 1)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        assert isinstance(node, yaml.MappingNode)
+        value = loader.construct_mapping(node, deep=True)
+    return {name: value}
+
+
+_CfnLoader.add_multi_constructor("!", _tag)
+
+
+def template_resources() -> dict[str, Any]:
+    text = (ROOT / "infra" / "resources.yaml").read_text()
+    resources: dict[str, Any] = yaml.load(text, _CfnLoader)["Resources"]  # noqa: S506 - SafeLoader subclass
+    return resources
+
+
+def resolve(value: Any, stage: str, arns: dict[str, str]) -> Any:
+    """The template's value with the stage substituted and each GetAtt .Arn looked up."""
+    if isinstance(value, dict):
+        if set(value) == {"Fn::GetAtt"}:
+            logical, attribute = value["Fn::GetAtt"]
+            assert attribute == "Arn"
+            return arns[logical]
+        if set(value) == {"Fn::Sub"}:
+            return value["Fn::Sub"].replace("${Stage}", stage)
+        return {k: resolve(v, stage, arns) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, stage, arns) for v in value]
+    return value
+
+
+def as_sqs_attribute(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return value if isinstance(value, dict) else str(value)
+
+
+def test_the_warnings_queue_its_dlq_rule_and_policy_are_the_templates(session, config) -> None:
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    resources = template_resources()
+    sqs = session.client("sqs")
+    events = session.client("events")
+
+    def attributes(queue: str) -> dict[str, str]:
+        url = sqs.get_queue_url(QueueName=queue)["QueueUrl"]
+        found: dict[str, str] = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])[
+            "Attributes"
+        ]
+        return found
+
+    queues = {
+        "InterruptionWarningsQueue": attributes(stage.warnings_queue),
+        "InterruptionWarningsDeadLetterQueue": attributes(stage.warnings_dlq),
+        "EventsDeadLetterQueue": attributes(stage.queue),
+    }
+    rule = events.describe_rule(Name=stage.warnings_rule)
+    arns = {logical: queue["QueueArn"] for logical, queue in queues.items()}
+    arns["InterruptionWarningsToQueue"] = rule["Arn"]
+
+    for logical in ("InterruptionWarningsQueue", "InterruptionWarningsDeadLetterQueue"):
+        wanted = resolve(resources[logical]["Properties"], "dev", arns)
+        actual = queues[logical]
+        assert actual["QueueArn"].endswith(f":{wanted.pop('QueueName')}")
+        if "RedrivePolicy" in wanted:
+            redrive = json.loads(actual.pop("RedrivePolicy"))
+            assert redrive == wanted.pop("RedrivePolicy")
+        # Every other property of the template is an SQS attribute of the same name.
+        assert {k: actual.get(k) for k in wanted} == {
+            k: as_sqs_attribute(v) for k, v in wanted.items()
+        }, logical
+    assert queues["InterruptionWarningsQueue"]["VisibilityTimeout"] == "90"
+
+    wanted_rule = resolve(resources["InterruptionWarningsToQueue"]["Properties"], "dev", arns)
+    wanted_targets = wanted_rule.pop("Targets")
+    assert json.loads(rule.pop("EventPattern")) == wanted_rule.pop("EventPattern")
+    assert wanted_rule == {k: rule[k] for k in wanted_rule}  # State, Description
+    assert events.list_targets_by_rule(Rule=stage.warnings_rule)["Targets"] == wanted_targets
+
+    wanted_policy = resolve(resources["InterruptionWarningsQueuePolicy"]["Properties"], "dev", arns)
+    assert wanted_policy.pop("Queues") == [{"Ref": "InterruptionWarningsQueue"}]
+    assert json.loads(queues["InterruptionWarningsQueue"]["Policy"]) == wanted_policy.pop(
+        "PolicyDocument"
+    )
+    assert wanted_policy == {}
+
+    calls = record_calls(session)
+    assert Bootstrap(session, stage, config).run() == []
+    assert [c for c in calls if not c.startswith(READ_PREFIXES)] == []
+
+
+def test_the_warnings_rule_has_the_handlers_pattern_and_may_use_the_stages_dlq(
+    session, config
+) -> None:
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    rule = session.client("events").describe_rule(Name=stage.warnings_rule)
+    # One pattern for app.py's handler, the template's rule and bootstrap's.
+    assert json.loads(rule["EventPattern"]) == ec2_events.INTERRUPTION_WARNING_PATTERN
+    # In the stage's rule prefix: the events DLQ takes its failed deliveries, and
+    # ensure_rule_dead_letters finds its target already pointing there.
+    assert stage.warnings_rule.startswith(stage.rule_prefix)
+    sqs = session.client("sqs")
+    url = sqs.get_queue_url(QueueName=stage.queue)["QueueUrl"]
+    policy = json.loads(
+        sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["Policy"])["Attributes"]["Policy"]
+    )
+    (statement,) = policy["Statement"]
+    assert fnmatch(rule["Arn"], statement["Condition"]["ArnLike"]["aws:SourceArn"])
+
+
+def test_drift_in_the_warnings_queue_and_rule_is_put_back(session, config) -> None:
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    sqs = session.client("sqs")
+    events = session.client("events")
+    url = sqs.get_queue_url(QueueName=stage.warnings_queue)["QueueUrl"]
+    sqs.set_queue_attributes(QueueUrl=url, Attributes={"VisibilityTimeout": "30", "Policy": ""})
+    (target,) = events.list_targets_by_rule(Rule=stage.warnings_rule)["Targets"]
+    del target["DeadLetterConfig"]
+    events.put_targets(Rule=stage.warnings_rule, Targets=[target])
+    events.put_rule(Name=stage.warnings_rule, EventPattern=json.dumps({"source": ["aws.ec2"]}))
+
+    changes = Bootstrap(session, stage, config).run()
+    assert changes == [
+        f"set VisibilityTimeout of queue {stage.warnings_queue}",
+        f"updated rule {stage.warnings_rule}",
+        f"pointed rule {stage.warnings_rule} at queue {stage.warnings_queue}",
+        f"let only rule {stage.warnings_rule} write to {stage.warnings_queue}",
+    ]
+    assert Bootstrap(session, stage, config).run() == []
+
+
+def test_a_table_made_before_time_to_live_gets_it(session, config) -> None:
+    from chalicelib.store import TTL_ATTRIBUTE, table_definition
+
+    stage = names(session)
+    dynamodb = session.client("dynamodb")
+    dynamodb.create_table(**table_definition(stage.table))
+    changes = Bootstrap(session, stage, config).run()
+    assert f"enabled time to live on {TTL_ATTRIBUTE} of {stage.table}" in changes
+    ttl = dynamodb.describe_time_to_live(TableName=stage.table)["TimeToLiveDescription"]
+    assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", TTL_ATTRIBUTE)
+
+
+# -- docs/deploy.md lists exactly the IAM actions bootstrap's calls need --------------------
+
+# botocore's event names use the service id; IAM uses the service prefix.
+_IAM_PREFIX = {"eventbridge": "events"}
+# API operations whose IAM action has another name, or that need a second action.
+_ACTIONS_OF = {
+    "s3:HeadBucket": ["s3:ListBucket"],
+    "s3:CreateBucket": ["s3:CreateBucket", "s3:PutBucketOwnershipControls"],  # ObjectOwnership
+    "s3:GetBucketEncryption": ["s3:GetEncryptionConfiguration"],
+    "s3:PutBucketEncryption": ["s3:PutEncryptionConfiguration"],
+    "s3:GetBucketLifecycleConfiguration": ["s3:GetLifecycleConfiguration"],
+    "s3:PutBucketLifecycleConfiguration": ["s3:PutLifecycleConfiguration"],
+    "s3:GetPublicAccessBlock": ["s3:GetBucketPublicAccessBlock"],
+    "s3:PutPublicAccessBlock": ["s3:PutBucketPublicAccessBlock"],
+}
+
+
+def documented_bootstrap_actions() -> set[str]:
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    bullet = text.split("- `spotctl bootstrap` (exactly the calls it makes", 1)[1]
+    bullet = bullet.split("\n- ", 1)[0]
+    actions: set[str] = set()
+    service = ""
+    # `s3:CreateBucket, ListBucket` (HeadBucket), `Get/PutEncryptionConfiguration, ...`:
+    # a span without a service continues the one before it.
+    for span in re.findall(r"`([^`]+)`", bullet):
+        prefixed = re.fullmatch(r"(\w+):(.*)", span, re.DOTALL)
+        service, listed = prefixed.groups() if prefixed else (service, span)
+        for name in re.split(r",\s*", " ".join(listed.split())):
+            if name.startswith("Get/Put"):
+                actions |= {f"{service}:Get{name[7:]}", f"{service}:Put{name[7:]}"}
+            else:
+                actions.add(f"{service}:{name}")
+    return actions
+
+
+def test_the_deployer_iam_in_the_docs_is_exactly_what_bootstrap_calls(session, config) -> None:
+    stage = names(session)
+    recording = True
+    operations: set[str] = set()
+
+    def note(event_name: str, **_: Any) -> None:
+        if recording:
+            service, operation = event_name.split(".")[1:]
+            operations.add(f"{_IAM_PREFIX.get(service, service)}:{operation}")
+
+    session.events.register("before-call.*.*", note)
+    Bootstrap(session, stage, config).run()
+    # What `chalice deploy` leaves: a rule of the stage without the dead-letter queue.
+    recording = False
+    events = session.client("events")
+    rule = f"{stage.rule_prefix}on_interruption_warning"
+    events.put_rule(Name=rule, EventPattern=json.dumps({"source": ["aws.ec2"]}))
+    events.put_targets(Rule=rule, Targets=[{"Id": "1", "Arn": "arn:aws:lambda:x"}])
+    recording = True
+    Bootstrap(session, stage, config).run()
+    needed = {action for op in operations for action in _ACTIONS_OF.get(op, [op])}
+    documented = documented_bootstrap_actions()
+    assert (sorted(documented - needed), sorted(needed - documented)) == ([], [])
