@@ -18,9 +18,11 @@ Scenarios:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from spotctl.simulate import POLICY_NAMES, JobSpec, Summary, Trace, simulate  # noqa: E402
 
+OPTIMUM = ROOT / "bench" / "results" / "optimum.json"
 DEADLINES = (52.0, 70.0)
 OVERHEADS = (0.05, 0.2)
 SINGLE = "aws-10-26-2022"
@@ -206,6 +209,7 @@ def main() -> int:
                     f"| {bar:.3f}{'' if bar > floor else ' (below floor)'} | {floor:.3f} "
                     f"| {ours.deadline_misses} |"
                 )
+    optimum_section(out, cost, groups, mean_ours, mean_up)
     out(f"\n{len(tasks)} simulations in {elapsed:.0f} s with {args.workers} workers.\n")
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -213,6 +217,65 @@ def main() -> int:
     plot(args.out / "cost.png", labels, single_ratios, multi_rows)
     print("\n".join(lines))
     return 0
+
+
+def optimum_section(
+    out: Callable[[str], None],
+    cost: Callable[[tuple[str, ...], float, float, str], Summary],
+    groups: dict[str, tuple[str, ...]],
+    mean_ours: float,
+    mean_up: float,
+) -> None:
+    """spotctl and Uniform Progress against the offline optimum (bench/optimum.py)."""
+    if not OPTIMUM.exists():
+        return
+    found = json.loads(OPTIMUM.read_text())
+    by_name = {s["name"]: s["mean"] for s in found["scenarios"]}
+    rows: list[tuple[str, float, float, float]] = [
+        (
+            "32 single-AZ scenarios (aws-10-26-2022), mean",
+            mean_ours,
+            mean_up,
+            found["group_means"]["a overall mean"],
+        ),
+    ]
+    one_az = str(ROOT / "traces" / MULTI / "us-east-1a_v100_1.json")
+    for oh in OVERHEADS:
+        name = f"us-east-1a_v100_1 D52 d{oh:g}"
+        if name in by_name:
+            rows.append(
+                (
+                    f"us-east-1a alone, 52 h / {oh:g} h",
+                    cost((one_az,), 52.0, oh, "spotctl").mean_cost,
+                    cost((one_az,), 52.0, oh, "uniform-progress").mean_cost,
+                    by_name[name],
+                )
+            )
+    east = groups["us-east-1"]
+    name = "+".join(stem(f) for f in east) + " D52 d0.2 m0.25"
+    if name in by_name:
+        best = min(cost((f,), 52.0, 0.2, "uniform-progress").mean_cost for f in east)
+        rows.append(
+            (
+                "us-east-1, 4 AZs, 52 h / 0.2 h (UP: best single AZ)",
+                cost(east, 52.0, 0.2, "spotctl").mean_cost,
+                best,
+                by_name[name],
+            )
+        )
+    out("## Against the offline optimum\n")
+    out(
+        "The offline optimum sees the whole trace (`bench/optimum.py`, an exact dynamic "
+        "program under the simulator's rules; read from `bench/results/optimum.json`). "
+        "`gap closed` is the share of the distance from Uniform Progress to it that "
+        "spotctl covers.\n"
+    )
+    out("| scenario | spotctl | Uniform Progress | offline optimum | gap closed |")
+    out("| --- | --- | --- | --- | --- |")
+    for label, ours, up, best_known in rows:
+        closed = (up - ours) / (up - best_known) if up > best_known else 0.0
+        out(f"| {label} | {ours:.3f} | {up:.3f} | {best_known:.3f} | {closed:.0%} |")
+    out("")
 
 
 def plot(
