@@ -199,38 +199,36 @@ def bucket_policy(bucket: str) -> dict[str, Any]:
     }
 
 
-def queue_policy(names: Names, queue_arn: str) -> dict[str, Any]:
-    rules = f"arn:aws:events:{names.region}:{names.account}:rule/{names.rule_prefix}*"
+def _events_may_send(sid: str, queue_arn: str, condition: dict[str, Any]) -> dict[str, Any]:
+    """A queue policy letting EventBridge rules that meet ``condition`` send to it."""
     return {
         "Version": "2012-10-17",
         "Statement": [
             {
-                "Sid": "EventBridgeRulesOfThisStage",
+                "Sid": sid,
                 "Effect": "Allow",
                 "Principal": {"Service": "events.amazonaws.com"},
                 "Action": "sqs:SendMessage",
                 "Resource": queue_arn,
-                "Condition": {"ArnLike": {"aws:SourceArn": rules}},
+                "Condition": condition,
             }
         ],
     }
+
+
+def queue_policy(names: Names, queue_arn: str) -> dict[str, Any]:
+    """Any rule of this stage may send failed deliveries to the dead-letter queue."""
+    rules = f"arn:aws:events:{names.region}:{names.account}:rule/{names.rule_prefix}*"
+    return _events_may_send(
+        "EventBridgeRulesOfThisStage", queue_arn, {"ArnLike": {"aws:SourceArn": rules}}
+    )
 
 
 def warnings_queue_policy(queue_arn: str, rule_arn: str) -> dict[str, Any]:
     """Only the warnings rule may write to the warnings queue (same as the template)."""
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Sid": "TheWarningsRuleOnly",
-                "Effect": "Allow",
-                "Principal": {"Service": "events.amazonaws.com"},
-                "Action": "sqs:SendMessage",
-                "Resource": queue_arn,
-                "Condition": {"ArnEquals": {"aws:SourceArn": rule_arn}},
-            }
-        ],
-    }
+    return _events_may_send(
+        "TheWarningsRuleOnly", queue_arn, {"ArnEquals": {"aws:SourceArn": rule_arn}}
+    )
 
 
 _PUBLIC_ACCESS_BLOCK = {

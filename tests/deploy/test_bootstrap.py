@@ -13,11 +13,11 @@ from typing import Any
 
 import boto3
 import pytest
-import yaml
 from moto import mock_aws
 
 from chalicelib import events as ec2_events
 from spotctl.bootstrap import Bootstrap, Names, register
+from tests.deploy.cfn import load_cfn
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_PREFIXES = ("Get", "Describe", "Head", "List")
@@ -163,30 +163,10 @@ def test_register_adds_the_bootstrap_subcommand() -> None:
 # -- the interruption-warnings queue, as infra/resources.yaml has it ---------------------
 
 
-class _CfnLoader(yaml.SafeLoader):
-    """CloudFormation's short-form tags (!Ref, !Sub, !GetAtt) as {"Fn::X": value}."""
-
-
-def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
-    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
-    if isinstance(node, yaml.ScalarNode):
-        value: Any = loader.construct_scalar(node)
-        if suffix == "GetAtt":
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        assert isinstance(node, yaml.MappingNode)
-        value = loader.construct_mapping(node, deep=True)
-    return {name: value}
-
-
-_CfnLoader.add_multi_constructor("!", _tag)
-
-
 def template_resources() -> dict[str, Any]:
-    text = (ROOT / "infra" / "resources.yaml").read_text()
-    resources: dict[str, Any] = yaml.load(text, _CfnLoader)["Resources"]  # noqa: S506 - SafeLoader subclass
+    resources: dict[str, Any] = load_cfn((ROOT / "infra" / "resources.yaml").read_text())[
+        "Resources"
+    ]
     return resources
 
 

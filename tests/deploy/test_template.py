@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from app import (
     WARNINGS_BATCH_SIZE,
@@ -27,29 +26,9 @@ from app import (
 )
 from chalicelib import events
 from chalicelib.store import TTL_ATTRIBUTE, table_definition
+from tests.deploy.cfn import load_cfn
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class _CfnLoader(yaml.SafeLoader):
-    """Reads CloudFormation's short-form tags (!Ref, !Sub, ...) as {"Fn::X": value}."""
-
-
-def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
-    name = "Ref" if suffix == "Ref" else f"Fn::{suffix}"
-    if isinstance(node, yaml.ScalarNode):
-        value: Any = loader.construct_scalar(node)
-        if suffix == "GetAtt":
-            value = value.split(".", 1)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        assert isinstance(node, yaml.MappingNode)
-        value = loader.construct_mapping(node, deep=True)
-    return {name: value}
-
-
-_CfnLoader.add_multi_constructor("!", _tag)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +56,7 @@ def packaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def template(packaged: Path) -> dict[str, Any]:
-    loaded: dict[str, Any] = yaml.load((packaged / "sam.yaml").read_text(), _CfnLoader)  # noqa: S506 - SafeLoader subclass
+    loaded = load_cfn((packaged / "sam.yaml").read_text())
     return loaded
 
 
