@@ -719,9 +719,35 @@ class Reconciler:
             job = self._run(action, job, now, new_instances)
 
         if job != stored or new_instances:
-            job = self._save(job, now, new_instances)
+            try:
+                job = self._save(job, now, new_instances)
+            except ConcurrentUpdate:
+                self._end_unrecorded(job.job_id, new_instances)
+                raise
         metrics.publish(job.job_id, metrics.pass_metrics(read, job, now))
         return job
+
+    def _end_unrecorded(self, job_id: str, launched: Sequence[tuple[str, int]]) -> None:
+        """Terminate what this pass launched if the record that beat its write does not
+        name it: another pass launched another candidate of the same attempt first.
+
+        Only this pass knows the instance, and a pass can adopt a launch only into an
+        attempt without an instance, which the winning write has filled; so no record
+        will ever name it. It never had the job's volume (attaching is a later pass's,
+        for the recorded instance), so ending it loses nothing.
+        """
+        if not launched:
+            return
+        self.calls.append("dynamodb:Read")
+        named = {a.instance_id for a in self.store.get(job_id).attempts}
+        extras = [iid for iid, _ in launched if iid not in named]
+        if extras:
+            self.calls.append("ec2:TerminateInstances")
+            self.ec2.terminate(extras)
+            logger.info(
+                "terminated a launch another pass's write made redundant",
+                extra={"job_id": job_id, "instance_ids": extras},
+            )
 
     def sweep(self, job_ids: Iterable[str]) -> SweepOutcome:
         """Reconcile every job in ``job_ids``, observing them all with a few calls.

@@ -18,7 +18,7 @@ import pytest
 
 from chalicelib import clients, runtime
 from chalicelib.config import Config
-from chalicelib.errors import ConcurrentUpdate
+from chalicelib.errors import ConcurrentUpdate, InsufficientCapacity
 from chalicelib.models import Job
 from chalicelib.reconcile import note_warning
 from chalicelib.runtime import ControlPlane
@@ -180,3 +180,55 @@ def _dies(settings: Callable[[], Any]) -> Callable[[], Any]:
         raise RuntimeError("the Lambda timed out")
 
     return dead
+
+
+def test_two_sweeps_launching_different_candidates_keep_only_the_recorded_one(
+    cloud: LocalCloud,
+) -> None:
+    """One pass gets the first candidate; the other, refused there, starts the second.
+    The write that loses must not leave its instance running with no record naming it."""
+    a = lambda_container(cloud)
+    a.reconciler.launch_settings = _dies(a.reconciler.launch_settings)
+    a.service.new_id = lambda: "j-00000000000000cc"
+    job = a.service.submit({**SPEC, "instance_types": ["g4dn.xlarge", "m5.large"]})
+    (attempt,) = job.attempts
+    assert attempt.instance_id is None
+    first, second = (c.pool.instance_type for c in attempt.candidates[:2])
+    assert first != second
+
+    a = lambda_container(cloud)
+    b = lambda_container(cloud)
+    # Both look for an earlier launch (none) before either starts one: a just before
+    # its RunInstances, b in the request EC2 refuses.
+    launching = threading.Barrier(2, timeout=20)
+    held: list[int] = []
+
+    def hold(**_: Any) -> None:
+        if not held:
+            held.append(1)
+            launching.wait()
+
+    a.reconciler.ec2._client.meta.events.register("before-call.ec2.RunInstances", hold)
+    run_instance = b.reconciler.ec2.run_instance
+
+    def refused_on_the_first(candidate: Any, *args: Any, **kwargs: Any) -> str:
+        if candidate.pool.instance_type == first:
+            launching.wait()
+            raise InsufficientCapacity("InsufficientInstanceCapacity: none left")
+        return run_instance(candidate, *args, **kwargs)
+
+    b.reconciler.ec2.run_instance = refused_on_the_first  # type: ignore[method-assign]
+
+    assert both_at_once(a, b, lambda plane: plane.reconciler.reconcile(job.job_id)) >= 1
+
+    stored = a.store.get(job.job_id)
+    (attempt,) = stored.attempts
+    assert attempt.instance_id is not None
+    assert live_instances(cloud, job.job_id) == [attempt.instance_id]
+    ended = cloud.client("ec2").describe_instances(
+        Filters=[
+            {"Name": "tag:spotctl:job-id", "Values": [job.job_id]},
+            {"Name": "instance-state-name", "Values": ["shutting-down", "terminated"]},
+        ]
+    )["Reservations"]
+    assert len([i for r in ended for i in r["Instances"]]) == 1, "both candidates started"
