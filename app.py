@@ -307,15 +307,16 @@ def on_instance_state_change(event: CloudWatchEvent) -> None:
 @app.schedule(Rate(1, unit=Rate.MINUTES), name="sweep")
 def sweep(event: Any) -> dict[str, int]:
     """Visit every live job: progress never depends on an event arriving. Then end the
-    batch instances no job took (a batch handler that died and was not retried)."""
+    spotctl instances no record names (a batch handler that died and was not retried,
+    a pass that lost a race and died before ending its launch)."""
     plane = runtime.control_plane()
     reaped = 0
-    visited, failed = plane.reconciler.sweep(plane.store.live_job_ids())
+    visited, failed, named = plane.reconciler.sweep(plane.store.live_job_ids())
     from chalicelib import batch  # noqa: PLC0415 - kept off the other handlers' cold start
 
     try:
-        reaped = len(batch.recovery_for(plane).reap())
+        reaped = len(batch.recovery_for(plane).reap(known=named))
     except Exception:
         failed += 1
-        logger.exception("sweep could not reap batch instances")
+        logger.exception("sweep could not reap unrecorded instances")
     return {"visited": visited, "failed": failed, "reaped": reaped}

@@ -660,6 +660,7 @@ class SweepObservation:
 class SweepOutcome(NamedTuple):
     visited: int
     failed: int
+    named: frozenset[str] = frozenset()  # instances the records it read name
 
 
 @dataclass
@@ -771,13 +772,14 @@ class Reconciler:
                 logger.exception("sweep could not read job", extra={"job_id": job_id})
         if not stored:
             return SweepOutcome(visited, failed)
+        named = frozenset(a.instance_id for job in stored for a in job.attempts if a.instance_id)
         # Read first, observe after: whatever a record names already exists in EC2.
         try:
             observation = self._observe_many(stored)
         except Exception:
             # The next sweep (a minute later) or an event carries on.
             logger.exception("sweep could not observe its jobs", extra={"jobs": len(stored)})
-            return SweepOutcome(visited, visited)
+            return SweepOutcome(visited, visited, named)
         sweep_calls = self.calls
         prices: dict[tuple[tuple[str, ...], tuple[str, ...] | None], Mapping[Pool, float]] = {}
 
@@ -796,7 +798,7 @@ class Reconciler:
                     observation = self._observe_many(stored[index:])
                 except Exception:
                     logger.exception("sweep could not observe its jobs again")
-                    return SweepOutcome(visited, failed + len(stored) - index)
+                    return SweepOutcome(visited, failed + len(stored) - index, named)
                 finally:
                     sweep_calls += self.calls
             self.calls = []
@@ -815,7 +817,7 @@ class Reconciler:
                 logger.exception("sweep could not reconcile job", extra={"job_id": job.job_id})
             sweep_calls += self.calls
         self.calls = sweep_calls
-        return SweepOutcome(visited, failed)
+        return SweepOutcome(visited, failed, named)
 
     def _save(self, job: Job, now: float, new_instances: Sequence[tuple[str, int]] = ()) -> Job:
         self.calls.append("dynamodb:Write")

@@ -310,6 +310,36 @@ def test_the_sweep_reaps_batch_instances_no_job_took(env: Env) -> None:
         assert state(env, old) == "running"
 
 
+def test_the_sweep_reaps_a_race_losers_launch_once_it_is_old(env: Env) -> None:
+    """A pass that launched another candidate of an attempt, lost the write and died
+    before ending it: tagged with the job and attempt, named by no record."""
+    jobs = running_jobs(env, 2)
+    plane = runtime.control_plane()
+    job_id = next(iter(jobs))
+    attempt = plane.store.get(job_id).attempts[0]
+    (lost,) = plane.reconciler.ec2.run_instances(
+        attempt.candidates[0],
+        plane.reconciler.launch_settings(),
+        "#!/bin/bash\n",
+        {"spotctl:job-id": job_id, "spotctl:attempt": str(attempt.number)},
+        count=1,
+        client_token=f"{job_id}-race-loser",
+    )
+    scheduled = env.client.events.generate_cw_event(
+        source="aws.events", detail_type="Scheduled Event", detail={}, resources=[]
+    )
+
+    env.clock.now = time.time()  # moto stamps LaunchTime with the wall clock
+    assert env.client.lambda_.invoke("sweep", scheduled).payload["reaped"] == 0, "too young"
+    env.clock.now = time.time() + 3600
+    assert env.client.lambda_.invoke("sweep", scheduled).payload["reaped"] == 1
+
+    assert state(env, lost) in ("shutting-down", "terminated")
+    for job, instance in jobs.items():
+        assert state(env, instance) == "running"
+        assert env.job(job)["state"] == "RUNNING"
+
+
 def test_in_a_storm_the_per_job_handler_leaves_warnings_to_the_batch(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
