@@ -262,6 +262,9 @@ class Bootstrap:
     session: boto3.session.Session
     names: Names
     config_path: Path | None = None
+    # False: no rule puts interruption warnings on the batch queue (the queue stays, for
+    # the handler's mapping). A batch's instances can read each other's agent secrets.
+    batch_rule: bool = True
     changes: list[str] = field(default_factory=list)
     new_secret: Callable[[], str] = lambda: secrets.token_urlsafe(48)
 
@@ -461,6 +464,9 @@ class Bootstrap:
 
         events = self.client("events")
         rule = self.names.warnings_rule
+        if not self.batch_rule:
+            self._remove_rule(rule)
+            return
         wanted_rule = {
             "EventPattern": _json(INTERRUPTION_WARNING_PATTERN),
             "State": "ENABLED",
@@ -500,6 +506,20 @@ class Bootstrap:
                 QueueUrl=url, Attributes={"Policy": _json(policy)}
             )
             self._changed(f"let only rule {rule} write to {self.names.warnings_queue}")
+
+    def _remove_rule(self, rule: str) -> None:
+        """Delete the warnings rule and its targets if they exist (``batch_rule=False``)."""
+        events = self.client("events")
+        try:
+            targets = events.list_targets_by_rule(Rule=rule)["Targets"]
+        except ClientError as exc:
+            if not _missing(exc):
+                raise
+            return
+        if targets:
+            events.remove_targets(Rule=rule, Ids=[t["Id"] for t in targets])
+        events.delete_rule(Name=rule)
+        self._changed(f"removed rule {rule}: warnings go to the per-job handler only")
 
     def ensure_rule_dead_letters(self, queue_arn: str) -> None:
         """Rules `chalice deploy` made (none before the first deploy) get the queue."""
@@ -580,7 +600,7 @@ def run(args: argparse.Namespace) -> int:
     account = session.client("sts").get_caller_identity()["Account"]
     names = Names(stage=args.stage, account=account, region=region)
     config = Path(args.config) if args.config else None
-    changes = Bootstrap(session, names, config).run()
+    changes = Bootstrap(session, names, config, batch_rule=not args.no_batch_rule).run()
     for change in changes:
         print(f"changed: {change}")
     print(f"bootstrap {names.stage} in {account}/{region}: {len(changes)} change(s)")
@@ -600,5 +620,11 @@ def register(subparsers: Any) -> None:
         "--config",
         default=".chalice/config.json",
         help="Chalice config to write the bucket name into ('' to leave it alone)",
+    )
+    parser.add_argument(
+        "--no-batch-rule",
+        action="store_true",
+        help="send no interruption warnings to the batch queue (and remove that rule): "
+        "every instance of a batch can read the other members' agent secrets",
     )
     parser.set_defaults(func=run)

@@ -13,6 +13,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 
 from chalicelib import events as ec2_events
@@ -157,6 +158,8 @@ def test_register_adds_the_bootstrap_subcommand() -> None:
     register(parser.add_subparsers())
     args = parser.parse_args(["bootstrap", "--stage", "prod", "--region", "eu-west-1"])
     assert (args.stage, args.region, args.config) == ("prod", "eu-west-1", ".chalice/config.json")
+    assert args.no_batch_rule is False
+    assert parser.parse_args(["bootstrap", "--no-batch-rule"]).no_batch_rule is True
     assert callable(args.func)
 
 
@@ -287,6 +290,33 @@ def test_drift_in_the_warnings_queue_and_rule_is_put_back(session, config) -> No
     assert Bootstrap(session, stage, config).run() == []
 
 
+def test_no_batch_rule_leaves_the_rule_out_and_removes_one_made_before(session, config) -> None:
+    stage = names(session)
+    events = session.client("events")
+    Bootstrap(session, stage, config).run()
+    assert events.list_targets_by_rule(Rule=stage.warnings_rule)["Targets"]
+
+    changes = Bootstrap(session, stage, config, batch_rule=False).run()
+
+    assert changes == [
+        f"removed rule {stage.warnings_rule}: warnings go to the per-job handler only"
+    ]
+    with pytest.raises(ClientError):
+        events.describe_rule(Name=stage.warnings_rule)
+    sqs = session.client("sqs")
+    sqs.get_queue_url(QueueName=stage.warnings_queue)  # the handler's mapping needs it
+    assert Bootstrap(session, stage, config, batch_rule=False).run() == []
+
+
+def test_a_fresh_stage_with_no_batch_rule_never_makes_it(session, config) -> None:
+    stage = names(session)
+    changes = Bootstrap(session, stage, config, batch_rule=False).run()
+    assert f"created queue {stage.warnings_queue}" in changes
+    assert not [c for c in changes if "InterruptionWarningsToQueue" in c]
+    rules = session.client("events").list_rules(NamePrefix=stage.rule_prefix)["Rules"]
+    assert rules == []
+
+
 def test_a_table_made_before_time_to_live_gets_it(session, config) -> None:
     from chalicelib.store import TTL_ATTRIBUTE, table_definition
 
@@ -355,6 +385,7 @@ def test_the_deployer_iam_in_the_docs_is_exactly_what_bootstrap_calls(session, c
     events.put_targets(Rule=rule, Targets=[{"Id": "1", "Arn": "arn:aws:lambda:x"}])
     recording = True
     Bootstrap(session, stage, config).run()
+    Bootstrap(session, stage, config, batch_rule=False).run()  # removes the rule
     needed = {action for op in operations for action in _ACTIONS_OF.get(op, [op])}
     documented = documented_bootstrap_actions()
     assert (sorted(documented - needed), sorted(needed - documented)) == ([], [])
