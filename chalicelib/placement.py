@@ -23,7 +23,7 @@ reconciler move the volume there (snapshot and restore) before it launches.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 from chalicelib import policy
@@ -205,6 +205,23 @@ def _recently_refused(job: Job, pool: Pool, now: float) -> bool:
     )
 
 
+def _with_causes(
+    interruptions: tuple[policy.Interruption, ...], spot_price: float | None
+) -> tuple[policy.Interruption, ...]:
+    """The interruptions, those of instances bid below today's spot price marked as
+    caused by price: the warning does not say why, but a spot price above an
+    instance's max price is reason enough for EC2 to take it back, and the policy then
+    bids higher (up to the job's cap) instead of waiting for capacity that is there."""
+    if spot_price is None:
+        return interruptions
+    return tuple(
+        replace(i, cause=policy.InterruptionCause.PRICE)
+        if i.max_price is not None and spot_price > i.max_price
+        else i
+        for i in interruptions
+    )
+
+
 def _quote(
     job: Job,
     pool: Pool,
@@ -219,7 +236,7 @@ def _quote(
         pool=policy.Pool(pool.instance_type, pool.az),
         on_demand_price=on_demand_price_of(job, pool.instance_type),
         spot_price=spot_price,
-        interruptions=history.interruptions,
+        interruptions=_with_causes(history.interruptions, spot_price),
         spot_available=available,
         capacity_changed_at=history.capacity_changed_at(available and spot_price is not None),
         # Not from the record: it sees a pool only while the job runs or asks there.

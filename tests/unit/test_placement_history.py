@@ -373,3 +373,45 @@ def test_the_lambda_passes_the_history_to_the_policy() -> None:
         view, pools=tuple(replace(q, spell_hours=(), outage_hours=()) for q in view.pools)
     )
     assert policy.decide_placement(bare, NOW) != expected
+
+
+@pytest.mark.parametrize(
+    ("spot_price", "cause", "bid"),
+    [
+        # Today's price is above what the interrupted instance bid: EC2 took it back for
+        # price, so the next bid is raised (x 1.2, up to the cap) and spot is usable.
+        (0.60, policy.InterruptionCause.PRICE, 0.526 * 1.2),
+        # Below it: capacity, and the bid stays the on-demand price.
+        (0.50, policy.InterruptionCause.CAPACITY, 0.526),
+    ],
+)
+def test_an_interruption_bid_below_todays_price_raises_the_next_bid(
+    spot_price: float, cause: policy.InterruptionCause, bid: float
+) -> None:
+    j = job(
+        (spot(1, NOW - 2 * H, NOW - 0.1 * H),),
+        instance_types=["g4dn.xlarge"],
+        max_price_per_hour=1.0,
+    )
+    prices = {A: spot_price}
+
+    (quote,) = placement.placement_view(j, prices, NOW).pools
+    assert [i.cause for i in quote.interruptions] == [cause]
+
+    chosen = placement.plan(j, prices, NOW, 2)
+    (first, *_) = chosen.candidates
+    assert (first.pool, first.market) == (A, "spot")
+    assert first.max_price == pytest.approx(bid)
+
+
+def test_a_raised_bid_never_passes_the_cap() -> None:
+    j = job(
+        (spot(1, NOW - 2 * H, NOW - 0.1 * H),),
+        instance_types=["g4dn.xlarge"],
+        max_price_per_hour=0.55,
+    )
+    chosen = placement.plan(j, {A: 0.54}, NOW, 2)
+    assert chosen.candidates[0].max_price == pytest.approx(0.55)
+    # Above the cap, spot is not bid for at all.
+    over = placement.plan(j, {A: 0.60}, NOW, 2)
+    assert all(c.market != "spot" for c in over.candidates)
