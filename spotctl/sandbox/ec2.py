@@ -37,7 +37,7 @@ from spotctl.sandbox.events import (
     event_id,
 )
 from spotctl.sandbox.market import SpotMarket
-from spotctl.sandbox.moto_patch import known_instance_type
+from spotctl.sandbox.moto_patch import known_instance_type, set_launch_time
 from spotctl.sandbox.proxy import (
     EC2_NAMESPACE,
     Ec2Error,
@@ -437,6 +437,8 @@ class SandboxEc2:
                 launched_at=now,
             )
             launched.append(info)
+        for info in launched:
+            set_launch_time(self.options.account, request.region, info.instance_id, now)
         with self._lock:
             for info in launched:
                 self._instances[info.instance_id] = _Instance(info)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Iterable
+from datetime import UTC, datetime
 from typing import Any
 
 import moto.core.responses as moto_responses
@@ -248,3 +249,15 @@ def _patch_reservations() -> None:
         return moto_ec2_utils.filter_reservations(reservations, filters)
 
     backend_class.all_reservations = all_reservations  # type: ignore[method-assign]
+
+
+def set_launch_time(account: str, region: str, instance_id: str, at: float) -> None:
+    """Stamp an instance's LaunchTime with ``at`` (epoch seconds on the sandbox clock).
+
+    moto stamps it with the wall clock, which a sandbox clock running faster than real
+    time (or set by a test) leaves behind; EC2's LaunchTime and the Lambdas' clock
+    agree, and code that ages instances (the sweep's reaper) relies on it.
+    """
+    backend = moto_backends.get_backend("ec2")[account][region]
+    instance = backend.get_instance(instance_id)
+    instance.launch_time = datetime.fromtimestamp(at, UTC).replace(tzinfo=None)

@@ -270,3 +270,14 @@ def test_stopping_cloud_leaves_no_thread_or_port_behind(clock: Any) -> None:
     for port in ports:
         with socket.socket() as probe:
             assert probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_launch_time_is_on_the_sandbox_clock_not_the_wall_clock(
+    cloud: LocalCloud, ec2: Any
+) -> None:
+    cloud.clock.advance(7200)  # type: ignore[attr-defined]  # two sandbox hours on
+    instance_id = launch(ec2)
+    (reservation,) = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    (instance,) = reservation["Instances"]
+    # The Lambdas' clock and EC2's LaunchTime agree, as in AWS: the reaper ages by it.
+    assert instance["LaunchTime"].timestamp() == pytest.approx(cloud.clock.now(), abs=1.0)
