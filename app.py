@@ -270,7 +270,7 @@ def on_interruption_warning_batch(event: SQSEvent) -> dict[str, list[dict[str, s
             message_ids.setdefault(parsed.detail.instance_id, []).append(message_id)
     if not message_ids:
         return {"batchItemFailures": []}
-    from chalicelib import batch  # noqa: PLC0415 - only this handler and the sweep need it
+    from chalicelib import batch  # noqa: PLC0415 - only this handler needs it
 
     outcome = batch.recovery_for(runtime.control_plane()).recover(list(message_ids))
     logger.info(
@@ -312,10 +312,8 @@ def sweep(event: Any) -> dict[str, int]:
     plane = runtime.control_plane()
     reaped = 0
     visited, failed, named = plane.reconciler.sweep(plane.store.live_job_ids())
-    from chalicelib import batch  # noqa: PLC0415 - kept off the other handlers' cold start
-
     try:
-        reaped = len(batch.recovery_for(plane).reap(known=named))
+        reaped = len(plane.reconciler.reap_unrecorded(known=named))
     except Exception:
         failed += 1
         logger.exception("sweep could not reap unrecorded instances")

@@ -27,9 +27,8 @@ Lambda with a batch size: app.py ``on_interruption_warning_batch``) are recovere
    the instance is terminated at once. When EC2 starts fewer than N (capacity), the
    members it started none for go the one-job way;
 5. if the handler dies between launching and handing out and the delivery is never
-   retried, :meth:`BatchRecovery.reap` (run from the sweep) terminates the instances
-   that no job took after ``ORPHAN_AFTER_SECONDS`` (and any other spotctl instance no
-   record names by then).
+   retried, the sweep's :meth:`Reconciler.reap_unrecorded` terminates the instances
+   that no job took, as it does any spotctl instance no record names.
 
 Everything else (jobs with no volume yet, jobs waiting, pools with too little
 capacity, a group EC2 refused) goes through the one-job path,
@@ -54,7 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -62,7 +61,6 @@ from botocore.exceptions import ClientError
 
 from chalicelib import clients
 from chalicelib.agent_auth import derive_secret
-from chalicelib.ec2 import JOB_TAG
 from chalicelib.errors import (
     ConcurrentUpdate,
     Ec2Failure,
@@ -90,9 +88,6 @@ MAX_BATCH = 100  # instances per RunInstances: bounds what one refused request d
 MIN_BATCH = 2  # one instance is the one-job path's request, which has fallbacks
 MAX_ASSIGN_TRIES = 3
 BATCH_TAG = "spotctl:batch"
-# A batch hands its instances out within one invocation (seconds); one still unowned
-# after this long belongs to a handler that died and was not retried.
-ORPHAN_AFTER_SECONDS = 900.0
 # This many warnings in one delivery (gathered over ≤ 5 s) are a storm, not bad luck.
 STORM_WARNINGS = 10
 # The per-job handler stays aside this long after the last storm-sized delivery: a
@@ -226,31 +221,6 @@ class BatchRecovery:
         for member in alone:
             self._one_by_one(member.job_id, member.warned_instance, outcome)
         return outcome
-
-    def reap(
-        self, older_than_seconds: float = ORPHAN_AFTER_SECONDS, known: Collection[str] = ()
-    ) -> list[str]:
-        """Terminate spotctl instances that no record names, once older than
-        ``older_than_seconds``: a batch's that no job took (a handler died between
-        launching and handing out, and its delivery was never retried), or the one a
-        pass launched before losing a race and dying before it could end it. Safe to
-        run any time: an instance in the instance index (written in the transaction
-        that names it in a job) is a job's and is never touched, nor is one in
-        ``known`` (named by the records the sweep has just read; spares their reads).
-        Such an instance never had a job's volume: only a recorded one is attached."""
-        now = self.reconciler.clock()
-        store = self.reconciler.store
-        orphans = [
-            instance_id
-            for instance_id, launched in self.reconciler.ec2.live_instances_tagged(JOB_TAG).items()
-            if now - launched.timestamp() > older_than_seconds
-            and instance_id not in known
-            and store.job_id_for_instance(instance_id) is None
-        ]
-        if orphans:
-            self.reconciler.ec2.terminate(orphans)
-            logger.warning("terminated instances no record names", extra={"ids": orphans})
-        return orphans
 
     # -- planning --------------------------------------------------------------------
 

@@ -27,12 +27,19 @@ they are listed on the job (``kept_after_moves``) for the user to remove.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 from chalicelib import metrics, placement
-from chalicelib.ec2 import Ec2Gateway, InstanceView, LaunchSettings, SnapshotView, VolumeView
+from chalicelib.ec2 import (
+    JOB_TAG,
+    Ec2Gateway,
+    InstanceView,
+    LaunchSettings,
+    SnapshotView,
+    VolumeView,
+)
 from chalicelib.errors import (
     ConcurrentUpdate,
     Ec2Failure,
@@ -60,6 +67,9 @@ from chalicelib.store import JobStore
 
 RETRY_LAUNCH_AFTER_SECONDS = 300.0  # WAITING: how long before the sweep tries again
 WARNED_INSTANCE_GRACE_SECONDS = 300.0  # a warned instance still alive after this is ours to end
+# Every launch is recorded (or adopted, or ended by the pass that made it) within one
+# invocation; a spotctl instance no record names after this long never will be.
+ORPHAN_AFTER_SECONDS = 900.0
 SWEEP_OBSERVATION_MAX_AGE_SECONDS = 30.0  # a sweep looks again at jobs not visited by then
 MOVE_WAIT_FOR_VOLUME_SECONDS = 600.0  # a move gives up if the volume is not free by then
 
@@ -818,6 +828,30 @@ class Reconciler:
             sweep_calls += self.calls
         self.calls = sweep_calls
         return SweepOutcome(visited, failed, named)
+
+    def reap_unrecorded(
+        self, known: Collection[str] = (), older_than_seconds: float = ORPHAN_AFTER_SECONDS
+    ) -> list[str]:
+        """Terminate spotctl instances no record names, once older than
+        ``older_than_seconds``: a batch's that no job took (its handler died between
+        launching and handing out, and the delivery was never retried), or one a pass
+        launched before losing a race and dying before it could end it. Safe to run any
+        time: an instance in the instance index (written in the transaction that names
+        it in a job) is a job's and is never touched, nor is one in ``known`` (named by
+        the records the sweep has just read; spares their reads). Such an instance never
+        had a job's volume: only a recorded one is attached."""
+        now = self.clock()
+        orphans = [
+            instance_id
+            for instance_id, launched in self.ec2.live_instances_tagged(JOB_TAG).items()
+            if now - launched.timestamp() > older_than_seconds
+            and instance_id not in known
+            and self.store.job_id_for_instance(instance_id) is None
+        ]
+        if orphans:
+            self.ec2.terminate(orphans)
+            logger.warning("terminated instances no record names", extra={"ids": orphans})
+        return orphans
 
     def _save(self, job: Job, now: float, new_instances: Sequence[tuple[str, int]] = ()) -> Job:
         self.calls.append("dynamodb:Write")

@@ -259,9 +259,16 @@ def create_table(client: DynamoDBClient, table_name: str) -> None:
     client.get_waiter("table_exists").wait(
         TableName=table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 30}
     )
+    ensure_time_to_live(client, table_name)
+
+
+def ensure_time_to_live(client: DynamoDBClient, table_name: str) -> bool:
+    """Turn on the table's time to live on ``TTL_ATTRIBUTE``; whether it was off."""
     ttl = client.describe_time_to_live(TableName=table_name)["TimeToLiveDescription"]
-    if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
-        client.update_time_to_live(
-            TableName=table_name,
-            TimeToLiveSpecification={"AttributeName": TTL_ATTRIBUTE, "Enabled": True},
-        )
+    if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
+        return False
+    client.update_time_to_live(
+        TableName=table_name,
+        TimeToLiveSpecification={"AttributeName": TTL_ATTRIBUTE, "Enabled": True},
+    )
+    return True

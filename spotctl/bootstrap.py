@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from botocore.exceptions import ClientError
 
 from chalicelib.events import INTERRUPTION_WARNING_PATTERN
-from chalicelib.store import TTL_ATTRIBUTE, create_table
+from chalicelib.store import TTL_ATTRIBUTE, create_table, ensure_time_to_live
 
 if TYPE_CHECKING:
     import boto3
@@ -307,12 +307,7 @@ class Bootstrap:
             )
             self._changed(f"enabled point-in-time recovery on {self.names.table}")
         # create_table sets it on a new table; a table made before it did gets it here.
-        ttl = dynamodb.describe_time_to_live(TableName=self.names.table)["TimeToLiveDescription"]
-        if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
-            dynamodb.update_time_to_live(
-                TableName=self.names.table,
-                TimeToLiveSpecification={"AttributeName": TTL_ATTRIBUTE, "Enabled": True},
-            )
+        if ensure_time_to_live(dynamodb, self.names.table):
             self._changed(f"enabled time to live on {TTL_ATTRIBUTE} of {self.names.table}")
 
     # -- S3 ------------------------------------------------------------------------

@@ -142,9 +142,10 @@ def test_reap_terminates_only_batch_instances_no_job_took(env: Env) -> None:
     )
 
     env.clock.now = time.time()  # moto stamps LaunchTime with the wall clock
-    assert batch.reap() == [], "too young to be an orphan"
+    reconciler = runtime.control_plane().reconciler
+    assert reconciler.reap_unrecorded() == [], "too young to be an orphan"
     env.clock.now = time.time() + 3600
-    reaped = batch.reap()
+    reaped = reconciler.reap_unrecorded()
 
     assert sorted(reaped) == sorted(orphans)
     kept = set(outcome.launched.values())
