@@ -47,6 +47,8 @@ NOT_LAMBDA_CODE = ("chalicelib/user_data/",)
 NOT_RUN_BY_LAMBDA = {
     ("chalicelib/store.py", "create_table"): "bootstrap, the sandbox and tests create the "
     "table; the deployed Lambda never does",
+    ("chalicelib/store.py", "ensure_time_to_live"): "create_table and bootstrap set the "
+    "table's time to live; the deployed Lambda never does",
 }
 
 # Actions the Lambda service takes for the function, not the function's code.
