@@ -6,9 +6,9 @@ When a whole pool is reclaimed, hundreds of warnings arrive within two minutes. 
 Lambda with a batch size: app.py ``on_interruption_warning_batch``) are recovered here:
 
 1. each warned job is read and ``decide`` plans its next attempt exactly as the
-   one-job path does (spot prices are read once per instance types and zone); a job
-   whose warned instance was already replaced (by the per-job handler, the sweep or an
-   earlier delivery) is skipped without another look;
+   one-job path does (spot prices and the pools' fleet records are read once per
+   instance types and zone); a job whose warned instance was already replaced (by the
+   per-job handler, the sweep or an earlier delivery) is skipped without another look;
 2. jobs whose next step is only a launch are grouped by their first candidate
    (pool, market, max price), in job id order, and cut into requests of at most
    ``MAX_BATCH`` members and at most what one user data carries (16 KB, see
@@ -55,7 +55,7 @@ import hashlib
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from botocore.exceptions import ClientError
 
@@ -69,7 +69,16 @@ from chalicelib.errors import (
 )
 from chalicelib.log import logger
 from chalicelib.models import Attempt, Candidate, Job, Pool
-from chalicelib.reconcile import Launch, Observed, Reconciler, apply_launched, decide, note_warning
+from chalicelib.placement import CapacityObservation, new_observations
+from chalicelib.reconcile import (
+    FleetView,
+    Launch,
+    Observed,
+    Reconciler,
+    apply_launched,
+    decide,
+    note_warning,
+)
 from chalicelib.store import TTL_ATTRIBUTE
 from chalicelib.userdata import (
     USER_DATA_LIMIT_BYTES,
@@ -108,6 +117,14 @@ class Member:
     number: int
     candidate: Candidate
     params: AgentParams  # its entry in the batch's member table: what its instance runs
+    fleet: FleetView = None  # the pools' fleet records it was planned on
+
+
+class _Market(NamedTuple):
+    """What a group of warned jobs is planned on: spot prices and the pools' records."""
+
+    prices: dict[Pool, float]
+    fleet: FleetView
 
 
 @dataclass
@@ -120,6 +137,9 @@ class BatchOutcome:
     surplus: list[str] = field(default_factory=list)  # launched, taken by no job, terminated
     retry: list[str] = field(default_factory=list)  # warned instance ids
     run_instances_calls: int = 0
+    # What the records of the jobs handed an instance newly say about spot capacity:
+    # shared with one write per pool once the delivery is done.
+    observed: dict[Pool, list[CapacityObservation]] = field(default_factory=dict)
 
 
 def batch_token(members: Sequence[Member]) -> str:
@@ -195,13 +215,13 @@ class BatchRecovery:
         if self.storm is not None and len(set(warned_instances)) >= STORM_WARNINGS:
             self.storm.declare(now + STORM_HOLD_SECONDS)  # the per-job handler steps aside
         groups: dict[tuple[Pool, str, float | None], list[Member]] = {}
-        prices: dict[tuple[tuple[str, ...], str], dict[Pool, float]] = {}
+        markets: dict[tuple[tuple[str, ...], str], _Market] = {}
         for instance_id in sorted(set(warned_instances)):
             job_id = store.job_id_for_instance(instance_id)
             if job_id is None:
                 continue
             try:
-                member = self._plan(job_id, instance_id, now, prices, outcome)
+                member = self._plan(job_id, instance_id, now, markets, outcome)
             except Ec2Failure as exc:
                 logger.warning("batch: no prices", extra={"job_id": job_id, "error": str(exc)})
                 outcome.retry.append(instance_id)
@@ -220,6 +240,7 @@ class BatchRecovery:
         # After the batches: each of these costs a RunInstances token of its own.
         for member in alone:
             self._one_by_one(member.job_id, member.warned_instance, outcome)
+        self.reconciler.share_capacity(outcome.observed, now)
         return outcome
 
     # -- planning --------------------------------------------------------------------
@@ -229,7 +250,7 @@ class BatchRecovery:
         job_id: str,
         instance_id: str,
         now: float,
-        prices: dict[tuple[tuple[str, ...], str], dict[Pool, float]],
+        markets: dict[tuple[tuple[str, ...], str], _Market],
         outcome: BatchOutcome,
     ) -> Member | None:
         """The member for this warning, or None when the batch does not launch for it
@@ -241,7 +262,7 @@ class BatchRecovery:
         if _replaced_elsewhere(job, instance_id):
             outcome.already_replaced.append(job_id)
             return None
-        member = self._plan_launch(job, instance_id, now, prices)
+        member = self._plan_launch(job, instance_id, now, markets)
         if member is None:
             self._one_by_one(job_id, instance_id, outcome)
         return member
@@ -251,30 +272,35 @@ class BatchRecovery:
         job: Job,
         instance_id: str,
         now: float,
-        prices: dict[tuple[tuple[str, ...], str], dict[Pool, float]],
+        markets: dict[tuple[tuple[str, ...], str], _Market],
     ) -> Member | None:
         first = decide(job, Observed(), now)
         if not first.needs_prices or job.volume is None:
             return None
         key = (job.spec.instance_types, job.volume.az)
-        if key not in prices:
+        if key not in markets:
             self.reconciler.calls.append("ec2:DescribeSpotPriceHistory")
-            prices[key] = self.reconciler.ec2.spot_prices(key[0], [key[1]], now)
-        decision = decide(job, Observed(prices=prices[key]), now)
+            prices = self.reconciler.ec2.spot_prices(key[0], [key[1]], now)
+            markets[key] = _Market(prices, self.reconciler.fleet_records(job, prices, now))
+        market = markets[key]
+        decision = decide(job, Observed(prices=market.prices, fleet=market.fleet), now)
         if len(decision.actions) != 1 or not isinstance(decision.actions[0], Launch):
             return None
         attempt = decision.job.attempt(decision.actions[0].attempt)
         assert attempt is not None
-        return self._member(decision.job, instance_id, attempt)
+        return self._member(decision.job, instance_id, attempt, market.fleet)
 
-    def _member(self, job: Job, warned_instance: str, attempt: Attempt) -> Member | None:
+    def _member(
+        self, job: Job, warned_instance: str, attempt: Attempt, fleet: FleetView = None
+    ) -> Member | None:
         params = self.agent_params(job, attempt)
         try:
             validate(params)
         except ValueError as exc:  # the one-job path records it on the job itself
             logger.warning("batch: unusable member", extra={"job_id": job.job_id, "e": str(exc)})
             return None
-        return Member(job.job_id, warned_instance, attempt.number, attempt.candidates[0], params)
+        candidate = attempt.candidates[0]
+        return Member(job.job_id, warned_instance, attempt.number, candidate, params, fleet)
 
     def _batch_member_already(self, job: Job, warned_instance: str) -> Member | None:
         """The member this job was in, if a batch already replaced ``warned_instance``."""
@@ -349,7 +375,7 @@ class BatchRecovery:
             if index >= len(instances):
                 # EC2 started fewer than asked (MinCount=1): the rest go one by one.
                 self._one_by_one(member.job_id, member.warned_instance, outcome)
-            elif self._assign(member, instances[index], now):
+            elif self._assign(member, instances[index], now, outcome):
                 outcome.launched[member.job_id] = instances[index]
             else:
                 surplus.append(instances[index])
@@ -358,11 +384,12 @@ class BatchRecovery:
             ec2.terminate(surplus)
             logger.info("batch surplus terminated", extra={"batch": token, "instances": surplus})
 
-    def _assign(self, member: Member, instance_id: str, now: float) -> bool:
+    def _assign(self, member: Member, instance_id: str, now: float, outcome: BatchOutcome) -> bool:
         """Give ``instance_id`` to the member's job if it still wants exactly this launch."""
         store = self.reconciler.store
         for _ in range(MAX_ASSIGN_TRIES):
-            job = note_warning(member.warned_instance)(store.get(member.job_id), now)
+            read = store.get(member.job_id)
+            job = note_warning(member.warned_instance)(read, now)
             if _already_has(job, instance_id):
                 return True  # a retried delivery: this instance is the job's already
             planned = _planned_attempt(job, member, now)
@@ -371,11 +398,13 @@ class BatchRecovery:
             job = apply_launched(planned, member.number, 0, instance_id, now)
             job = job.with_event(now, "batch-launched", f"{instance_id}", member.number)
             try:
-                store.save(
+                saved = store.save(
                     job.model_copy(update={"updated_at": now}), [(instance_id, member.number)]
                 )
             except ConcurrentUpdate:
                 continue
+            for pool, found in new_observations(read, saved).items():
+                outcome.observed.setdefault(pool, []).extend(found)  # the warning
             return True
         return False
 
@@ -403,7 +432,8 @@ def _already_has(job: Job, instance_id: str) -> bool:
 
 def _planned_attempt(job: Job, member: Member, now: float) -> Job | None:
     """The job with the member's attempt added, if deciding now still plans just that."""
-    decision = decide(job, Observed(prices={member.candidate.pool: _price(member)}), now)
+    observed = Observed(prices={member.candidate.pool: _price(member)}, fleet=member.fleet)
+    decision = decide(job, observed, now)
     if len(decision.actions) != 1 or decision.actions[0] != Launch(member.number):
         return None
     attempt: Attempt | None = decision.job.attempt(member.number)

@@ -48,6 +48,7 @@ from chalicelib.errors import (
     SpotPriceTooLow,
     VolumeBusy,
 )
+from chalicelib.fleet import FleetRecords
 from chalicelib.log import logger
 from chalicelib.models import (
     ENDED_CANCELLED,
@@ -76,6 +77,9 @@ MOVE_WAIT_FOR_VOLUME_SECONDS = 600.0  # a move gives up if the volume is not fre
 
 # -- what we observe ---------------------------------------------------------------
 
+# Pools' fleet records, as looked up for a pass (None: not looked up, or unreadable).
+FleetView = Mapping[Pool, Sequence[placement.CapacityObservation]] | None
+
 
 @dataclass(frozen=True)
 class Observed:
@@ -85,6 +89,7 @@ class Observed:
     instances: Mapping[str, InstanceView] | None = None
     volume: VolumeView | None = None  # the job's volume; None while it has none (or unknown)
     prices: Mapping[Pool, float] | None = None  # current spot prices; None = not looked up
+    fleet: FleetView = None  # the offered pools' fleet records (what other jobs saw there)
     # Only while a move is under way: its snapshot and the volume restored from it.
     snapshot: SnapshotView | None = None
     moved_volume: VolumeView | None = None
@@ -392,7 +397,7 @@ def _next_attempt(
         and not _alive_ids(job, observed)
         and placement.can_move(job, now)
     )
-    plan = placement.plan(job, observed.prices, now, number, movable)
+    plan = placement.plan(job, observed.prices, now, number, movable, observed.fleet)
     first = not any(a.instance_id for a in job.attempts)
     volume = job.volume
     if plan.candidates and volume is not None and plan.candidates[0].pool.az != volume.az:
@@ -639,6 +644,15 @@ def _price_zones(job: Job, now: float) -> list[str] | None:
     return placement.zones_offered(job, movable)
 
 
+def _pools_offered(job: Job, prices: Mapping[Pool, float], now: float) -> frozenset[Pool]:
+    """Every pool the job's placement may quote: its types in the zones prices were
+    looked up for (or that have a price)."""
+    zones = _price_zones(job, now)
+    if zones is None:
+        zones = [pool.az for pool in prices]
+    return frozenset(Pool(instance_type=t, az=az) for t in job.spec.instance_types for az in zones)
+
+
 def _instances_to_observe(job: Job) -> list[str]:
     return [a.instance_id for a in job.attempts if a.instance_id and not a.ended]
 
@@ -682,6 +696,7 @@ class Reconciler:
     launch_settings: Callable[[], LaunchSettings]
     render_user_data: Callable[[Job, Attempt], str]
     clock: Callable[[], float]
+    fleet: FleetRecords | None = None  # None: each job plans on its own record alone
     max_passes: int = 4
     calls: list[str] = field(default_factory=list)  # what the last pass did (for tests/bench)
 
@@ -696,7 +711,9 @@ class Reconciler:
 
     def _pass(self, job_id: str, signal: Callable[[Job, float], Job] | None) -> Job:
         self.calls = []
-        return self._pass_on(self.store.get(job_id), signal, self._observe, self._prices)
+        return self._pass_on(
+            self.store.get(job_id), signal, self._observe, self._prices, self.fleet_records
+        )
 
     def _pass_on(
         self,
@@ -704,39 +721,89 @@ class Reconciler:
         signal: Callable[[Job, float], Job] | None,
         observe: Callable[[Job], Observed],
         prices: Callable[[Job, float], Mapping[Pool, float]],
+        fleet: Callable[[Job, Mapping[Pool, float], float], FleetView],
     ) -> Job:
-        read = stored
+        read = saved = stored
         now = self.clock()
-        job = signal(stored, now) if signal is not None else stored
-        # Look up only what decide asks for: a recovery needs prices, not a describe.
-        observed = Observed()
-        decision = decide(job, observed, now)
-        if decision.needs_observation:
-            observed = observe(job)
+        try:
+            job = signal(stored, now) if signal is not None else stored
+            # Look up only what decide asks for: a recovery needs prices, not a describe.
+            observed = Observed()
             decision = decide(job, observed, now)
-        if decision.needs_prices:
-            observed = replace(observed, prices=prices(job, now))
-            decision = decide(job, observed, now)
-        job = decision.job
+            if decision.needs_observation:
+                observed = observe(job)
+                decision = decide(job, observed, now)
+            if decision.needs_prices:
+                found = prices(job, now)
+                observed = replace(observed, prices=found, fleet=fleet(job, found, now))
+                decision = decide(job, observed, now)
+            job = decision.job
 
-        written_ahead = (Launch, CreateSnapshot)
-        if any(isinstance(a, written_ahead) for a in decision.actions) and job != stored:
-            # Write ahead: the attempt (or move) exists before the instance (or snapshot).
-            job = self._save(job, now)
-            stored = job
+            written_ahead = (Launch, CreateSnapshot)
+            if any(isinstance(a, written_ahead) for a in decision.actions) and job != stored:
+                # Write ahead: the attempt (or move) exists before the instance (or snapshot).
+                job = self._save(job, now)
+                stored = saved = job
 
-        new_instances: list[tuple[str, int]] = []
-        for action in decision.actions:
-            job = self._run(action, job, now, new_instances)
+            new_instances: list[tuple[str, int]] = []
+            for action in decision.actions:
+                job = self._run(action, job, now, new_instances)
 
-        if job != stored or new_instances:
-            try:
-                job = self._save(job, now, new_instances)
-            except ConcurrentUpdate:
-                self._end_unrecorded(job.job_id, new_instances)
-                raise
+            if job != stored or new_instances:
+                try:
+                    job = self._save(job, now, new_instances)
+                except ConcurrentUpdate:
+                    self._end_unrecorded(job.job_id, new_instances)
+                    raise
+                saved = job
+        finally:
+            # What this pass wrote, even when a later step failed: the next pass reads
+            # it as known and would not share it.
+            self.record_capacity(read, saved, now)
         metrics.publish(job.job_id, metrics.pass_metrics(read, job, now))
         return job
+
+    def record_capacity(self, read: Job, saved: Job, now: float) -> None:
+        """Share in the fleet records what the record ``saved`` says about spot capacity
+        that ``read`` did not."""
+        if self.fleet is not None and saved is not read:
+            self.share_capacity(placement.new_observations(read, saved), now)
+
+    def share_capacity(
+        self, found: Mapping[Pool, Sequence[placement.CapacityObservation]], now: float
+    ) -> None:
+        """Add ``found`` to the pools' fleet records. Never fails the caller: the jobs'
+        own records keep the facts, only other jobs plan without them."""
+        if self.fleet is None or not found:
+            return
+        self.calls += ["dynamodb:WritePool"] * len(found)
+        try:
+            self.fleet.record(found, now)
+        except Exception:
+            logger.warning(
+                "could not record capacity observations",
+                extra={
+                    "pools": sorted(map(str, found)),
+                    "job_ids": sorted({o.job_id for seen in found.values() for o in seen}),
+                },
+                exc_info=True,
+            )
+
+    def fleet_records(self, job: Job, prices: Mapping[Pool, float], now: float) -> FleetView:
+        """The fleet records of the pools the job may be offered, None when unknown
+        (no fleet records here, or the read failed: the job's own record alone)."""
+        if self.fleet is None:
+            return None
+        self.calls.append("dynamodb:ReadPools")
+        try:
+            return self.fleet.read(_pools_offered(job, prices, now))
+        except Exception:
+            logger.warning(
+                "could not read the pools' fleet records",
+                extra={"job_id": job.job_id},
+                exc_info=True,
+            )
+            return None
 
     def _end_unrecorded(self, job_id: str, launched: Sequence[tuple[str, int]]) -> None:
         """Terminate what this pass launched if the record that beat its write does not
@@ -800,6 +867,14 @@ class Reconciler:
                 prices[key] = self._prices(job, now)
             return prices[key]
 
+        fleets: dict[frozenset[Pool], FleetView] = {}
+
+        def fleet_once(job: Job, found: Mapping[Pool, float], now: float) -> FleetView:
+            key = _pools_offered(job, found, now)
+            if key not in fleets:
+                fleets[key] = self.fleet_records(job, found, now)
+            return fleets[key]
+
         for index, job in enumerate(stored):
             if self.clock() - observation.at > SWEEP_OBSERVATION_MAX_AGE_SECONDS:
                 # A long sweep (throttled calls back off) acts on what EC2 shows now.
@@ -817,7 +892,7 @@ class Reconciler:
             observe = self._observe if job.move is not None else observation.slice
             try:
                 try:
-                    self._pass_on(job, None, observe, prices_once)
+                    self._pass_on(job, None, observe, prices_once, fleet_once)
                 except ConcurrentUpdate:
                     # Written since the sweep read it: its own pass observes it afresh.
                     sweep_calls += self.calls

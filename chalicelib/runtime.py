@@ -14,6 +14,7 @@ from chalicelib import clients
 from chalicelib.agent_auth import derive_secret
 from chalicelib.config import Config
 from chalicelib.ec2 import Ec2Gateway, LaunchSettings
+from chalicelib.fleet import FleetRecords
 from chalicelib.models import Attempt, Job
 from chalicelib.reconcile import Reconciler
 from chalicelib.service import JobService
@@ -84,6 +85,7 @@ def s3_prefix_for(job: Job, config: Config) -> str | None:
 def build(config: Config) -> ControlPlane:
     secrets = _Secrets(config)
     store = JobStore(clients.dynamodb(config.region), config.table_name)
+    fleet = FleetRecords(clients.dynamodb(config.region), config.table_name)
 
     def launch_settings() -> LaunchSettings:
         return LaunchSettings(
@@ -103,6 +105,7 @@ def build(config: Config) -> ControlPlane:
         launch_settings=launch_settings,
         render_user_data=user_data,
         clock=time.time,
+        fleet=fleet,
     )
     service = JobService(store, reconciler, secrets.signing_key, time.time)
     return ControlPlane(config, store, reconciler, service)

@@ -7,6 +7,9 @@ Table layout (single table, string keys):
   indexes and the write condition.
 - ``pk = "INSTANCE#<instance id>"``: ``job_id`` and ``attempt``, so an EC2 event finds
   its job with one GetItem (no scan, no EC2 tag lookup).
+- ``pk = "POOL#<instance type>#<zone>"``: the pool's fleet record, what every job saw
+  of spot capacity there (``chalicelib.fleet``).
+- ``pk = "BATCH#<token>"`` and ``pk = "STORM"``: the storm path's (``chalicelib.batch``).
 
 Indexes: ``by_state`` (state, created_at) for the sweep and ``GET /jobs?state=``;
 ``by_created`` (kind, created_at) for ``GET /jobs``.
