@@ -369,6 +369,11 @@ def pool_histories(
     return histories
 
 
+def history_of(observations: Sequence[CapacityObservation]) -> PoolHistory:
+    """One pool's :class:`PoolHistory` from its observations alone (``spotctl
+    simulate --history own`` replays a job's own record through it)."""
+    return _history(_events(observations))
+
 def _history(events: list[_Event]) -> PoolHistory:
     """Replay one pool's events, oldest first, as the simulator replays its trace."""
     interruptions: list[policy.Interruption] = []

@@ -624,7 +624,12 @@ def _leave_on_demand(
     if excess < need and not _spell_pays_behind(view, best, need - excess, tuning):
         return False
     since = best.quote.capacity_changed_at
-    age = 0.0 if since is None else (now - since) / SECONDS_PER_HOUR
+    if since is None:
+        # No record of when spot came back (the job's own record saw the outage
+        # begin, not end): its age is unknown, not zero, or on-demand would be
+        # held to the end whenever nobody watched the pool.
+        return True
+    age = (now - since) / SECONDS_PER_HOUR
     # The tick about to start counts: spot seen now is spot for at least that long.
     return age + view.recheck_hours + 1e-9 >= tuning.leave_on_demand_min_age_restarts * d
 

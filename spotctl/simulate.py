@@ -29,12 +29,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from itertools import accumulate
 from pathlib import Path
 
 from chalicelib import policy
+from chalicelib.placement import CapacityObservation, Seen, history_of
 from spotctl.baselines import Greedy, OnDemandOnly, UniformProgress
 from spotctl.simulation_types import Kind, Policy, TickState
 
@@ -250,6 +251,16 @@ def simulate_run(
     )
 
 
+# What the policy is told about each pool's past (``--history``):
+# - fleet: everything that happened in the trace, from ``history_hours`` before the
+#   job's start, as a fleet of jobs sharing pool records would have seen it, and the
+#   share of the last ``Tuning.history_window_hours`` with spot;
+# - own: only what this job saw itself, replayed through the Lambda's own record code
+#   (``chalicelib.placement.history_of``): its spot runs, their interruptions and the outages
+#   until its next spot start; no availability share. What a lone job's Lambda knows.
+HISTORIES = ("fleet", "own")
+
+
 class SpotctlPolicy:
     """Drives :func:`chalicelib.policy.decide_placement`, the Lambda's own code."""
 
@@ -261,7 +272,11 @@ class SpotctlPolicy:
         job: JobSpec,
         tuning: policy.Tuning = policy.DEFAULT_TUNING,
         history_hours: float = 24.0,
+        history: str = "fleet",
     ) -> None:
+        if history not in HISTORIES:
+            raise ValueError(f"unknown history {history!r}; choose from {', '.join(HISTORIES)}")
+        self._own = history == "own"
         self._traces = traces
         self._job = job
         self._tuning = tuning
@@ -286,6 +301,10 @@ class SpotctlPolicy:
         self._since: list[float | None] = [None for _ in self._traces]
         self._was_available: list[bool] | None = None
         self._history_start = EPOCH0
+        # The job's own record (history "own"): observations per pool, and its spot run.
+        self._seen: list[list[CapacityObservation]] = [[] for _ in self._traces]
+        self._spot_run: tuple[int, float, str] | None = None  # pool, start, instance id
+        self._instances = 0
 
     def _observe(self, state: TickState) -> None:
         """Record capacity interruptions, spells and outages per pool, as the fleet's
@@ -351,7 +370,12 @@ class SpotctlPolicy:
         return (acc[end] - acc[end - ticks]) / ticks
 
     def view(self, state: TickState) -> policy.PlacementView:
+        if self._own:
+            return self._own_view(state)
         self._observe(state)
+        return self._view_of(state)
+
+    def _view_of(self, state: TickState) -> policy.PlacementView:
         quotes = tuple(
             policy.PoolQuote(
                 pool=pool,
@@ -390,23 +414,75 @@ class SpotctlPolicy:
             job_started_at=EPOCH0,
         )
 
+    def _own_view(self, state: TickState) -> policy.PlacementView:
+        """The view with each pool's history from the job's own record alone."""
+        view = self._view_of(state)
+        quotes = []
+        for i, quote in enumerate(view.pools):
+            history = history_of(self._seen[i])
+            quotes.append(
+                replace(
+                    quote,
+                    interruptions=history.interruptions,
+                    capacity_changed_at=history.capacity_changed_at(quote.spot_available),
+                    recent_availability=None,
+                    spell_hours=history.spell_hours,
+                    outage_hours=history.outage_hours,
+                )
+            )
+        return replace(view, pools=tuple(quotes), history_since=EPOCH0)
+
     def decide(self, state: TickState) -> tuple[Kind, int]:
         now = EPOCH0 + state.elapsed_hours * 3600.0
+        if self._own:
+            self._note_preemption(state, now)
         placement = policy.decide_placement(self.view(state), now, self._tuning)
         if isinstance(placement, policy.Spot):
-            return Kind.SPOT, self._index[placement.pool]
-        if isinstance(placement, policy.OnDemand):
-            return Kind.ON_DEMAND, self._index[placement.pool]
-        return Kind.NONE, state.az if state.volume_az is None else state.volume_az
+            chosen = Kind.SPOT, self._index[placement.pool]
+        elif isinstance(placement, policy.OnDemand):
+            chosen = Kind.ON_DEMAND, self._index[placement.pool]
+        else:
+            chosen = Kind.NONE, state.az if state.volume_az is None else state.volume_az
+        if self._own:
+            self._note_choice(state, chosen, now)
+        return chosen
+
+    def _note_preemption(self, state: TickState, now: float) -> None:
+        """Our spot run is gone without our choosing: the record's interruption."""
+        if self._spot_run is None or state.kind is Kind.SPOT:
+            return
+        pool, began, instance = self._spot_run
+        self._seen[pool].append(
+            CapacityObservation(Seen.INTERRUPTED, now, "sim", instance, started_at=began)
+        )
+        self._spot_run = None
+
+    def _note_choice(self, state: TickState, chosen: tuple[Kind, int], now: float) -> None:
+        """A spot run we end (LEFT) or start (STARTED), as the record notes them."""
+        kind, az = chosen
+        keeps = state.kind is Kind.SPOT and kind is Kind.SPOT and az == state.az
+        if keeps:
+            return
+        if self._spot_run is not None:
+            pool, began, instance = self._spot_run
+            self._seen[pool].append(
+                CapacityObservation(Seen.LEFT, now, "sim", instance, started_at=began)
+            )
+            self._spot_run = None
+        if kind is Kind.SPOT:
+            self._instances += 1
+            instance = f"i-{self._instances:08x}"
+            self._seen[az].append(CapacityObservation(Seen.STARTED, now, "sim", instance))
+            self._spot_run = (az, now, instance)
 
 
 POLICY_NAMES = ("spotctl", "uniform-progress", "greedy", "on-demand")
 
 
-def make_policy(name: str, traces: Sequence[Trace], job: JobSpec) -> Policy:
-    """A fresh policy by its CLI name."""
+def make_policy(name: str, traces: Sequence[Trace], job: JobSpec, history: str = "fleet") -> Policy:
+    """A fresh policy by its CLI name (``history``: what spotctl is told, see HISTORIES)."""
     if name == "spotctl":
-        return SpotctlPolicy(traces, job)
+        return SpotctlPolicy(traces, job, history=history)
     if name == "uniform-progress":
         return UniformProgress()
     if name == "greedy":
@@ -421,7 +497,7 @@ def simulate(
     job: JobSpec,
     policy_name: str,
     starts: int,
-    factory: Callable[[str, Sequence[Trace], JobSpec], Policy] = make_policy,
+    history: str = "fleet",
 ) -> Summary:
     """Run a policy from ``starts`` evenly spread offsets and summarize."""
     lengths = {len(t.unavailable) for t in traces}
@@ -429,7 +505,7 @@ def simulate(
     if len(lengths) != 1 or len(gaps) != 1:
         raise ValueError("traces of one region must have the same length and gap")
     used = traces if policy_name == "spotctl" else traces[:1]
-    chooser = factory(policy_name, used, job)
+    chooser = make_policy(policy_name, used, job, history)
     rows = availability_rows(used)
     runs = []
     for start in start_ticks(len(traces[0].unavailable), starts):
@@ -471,6 +547,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--spot-price", type=float, default=0.97)
     p.add_argument("--on-demand-price", type=float, default=3.06)
     p.add_argument("--starts", type=int, default=64, help="start offsets spread over the trace")
+    p.add_argument(
+        "--history",
+        choices=HISTORIES,
+        default="fleet",
+        help="spotctl's view of the pools' past: the fleet's (every job's, the default) "
+        "or only what this job saw itself (a lone job's Lambda)",
+    )
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=run_cli)
 
@@ -489,7 +572,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if job.deadline_hours < job.job_hours:
         print("the deadline is shorter than the job: no policy can meet it")
         return 2
-    summary = simulate(traces, job, args.policy, args.starts)
+    summary = simulate(traces, job, args.policy, args.starts, history=args.history)
     if args.json:
         print(json.dumps(asdict(summary), indent=2))
         return 0

@@ -201,6 +201,12 @@ ROWS = [
         A,
     ),
     Row(
+        "on-demand, ahead of schedule, when spot came back unknown: back to spot",
+        view(done=30.0, left=30.0, current=on(A, Market.ON_DEMAND), pools=(quote(),)),
+        Spot,
+        A,
+    ),
+    Row(
         "on-demand, spot back only this instant: stay on-demand",
         view(
             done=30.0,

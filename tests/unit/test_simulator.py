@@ -246,9 +246,10 @@ def test_cli_prints_a_summary_and_json(tmp_path: Path, capsys) -> None:
     gap_seconds=st.sampled_from([600.0, 1800.0, 3600.0]),
     start=st.integers(0, 39),
     two_azs=st.booleans(),
+    history=st.sampled_from(sim.HISTORIES),
 )
 def test_spotctl_never_misses_a_deadline_on_demand_could_meet(
-    flags, other, job_hours, slack, overhead, gap_seconds, start, two_azs
+    flags, other, job_hours, slack, overhead, gap_seconds, start, two_azs, history
 ) -> None:
     # The deadline leaves on-demand its one restart plus some slack: always feasible.
     job = sim.JobSpec(
@@ -259,6 +260,50 @@ def test_spotctl_never_misses_a_deadline_on_demand_could_meet(
     )
     first = sim.Trace("a", "a", gap_seconds, tuple((flags * 40)[:40]))
     traces = [first, sim.Trace("b", "b", gap_seconds, tuple(other))] if two_azs else [first]
-    chooser = sim.SpotctlPolicy(traces, job)
+    chooser = sim.SpotctlPolicy(traces, job, history=history)
     run = sim.simulate_run(traces, job, chooser, start)
     assert run.met_deadline
+
+
+def test_own_history_tells_the_policy_only_what_the_job_saw() -> None:
+    # Hourly ticks. Spot up 2 h (the job rides it), down 3 h (it falls back to
+    # on-demand), then up again; the fleet's record also holds the 5 h before the start.
+    flags = [0, 0, 0, 0, 1] + [0, 0, 1, 1, 1] + [0] * 30
+    trace = sim.Trace("us-east-1a_x", "us-east-1a", 3600.0, tuple(bool(f) for f in flags))
+    job = sim.JobSpec(job_hours=20.0, deadline_hours=22.0, restart_overhead_hours=0.2)
+    views: list[chalicelib.policy.PlacementView] = []
+
+    class Recording(sim.SpotctlPolicy):
+        def view(self, state: TickState) -> chalicelib.policy.PlacementView:
+            views.append(super().view(state))
+            return views[-1]
+
+    own = Recording([trace], job, history="own", history_hours=5.0)
+    timeline: list[tuple[Kind, int]] = []
+    sim.simulate_run([trace], job, own, 5, timeline)
+    assert timeline[:2] == [(Kind.SPOT, 0), (Kind.SPOT, 0)]
+    first, after = views[0].pools[0], views[2].pools[0]
+    # Nothing before the job's start, and never a share of time with spot.
+    assert (first.interruptions, first.spell_hours, first.recent_availability) == ((), (), None)
+    # The preemption at hour 2 ends a 2 h spell: one interruption, when it happened.
+    assert after.spell_hours == (2.0,)
+    assert [i.at for i in after.interruptions] == [sim.EPOCH0 + 2 * 3600.0]
+    assert after.recent_availability is None
+    # Spot back at hour 5, unseen by the job (it was on on-demand): its age is unknown.
+    back = views[5].pools[0]
+    assert back.spot_available and back.capacity_changed_at is None
+    # ... and on-demand is left for it then, not held to the end.
+    assert [kind for kind, _ in timeline[2:6]] == [Kind.ON_DEMAND] * 3 + [Kind.SPOT]
+
+    fleet = Recording([trace], job, history_hours=5.0)
+    views.clear()
+    sim.simulate_run([trace], job, fleet, 5)
+    # The fleet saw the outage before the start, and knows the share of time with spot.
+    assert len(views[0].pools[0].interruptions) == 1
+    assert views[0].pools[0].recent_availability is not None
+
+
+def test_history_must_be_one_of_the_known() -> None:
+    trace = sim.Trace("a", "a", 3600.0, (False,) * 8)
+    with pytest.raises(ValueError, match="unknown history"):
+        sim.SpotctlPolicy([trace], sim.JobSpec(), history="oracle")
