@@ -23,7 +23,9 @@ class JobState(StrEnum):
     SUBMITTED = "SUBMITTED"  # accepted and stored; nothing launched yet
     PROVISIONING = "PROVISIONING"  # first instance requested; waiting for it and its volume
     RUNNING = "RUNNING"  # an instance runs with the job's volume attached
-    INTERRUPTED = "INTERRUPTED"  # the instance got a notice or vanished; no replacement yet
+    # The instance got a notice or vanished, or spotctl is ending its on-demand instance
+    # to go back to spot; no replacement yet.
+    INTERRUPTED = "INTERRUPTED"
     RECOVERING = "RECOVERING"  # replacement requested; waiting to move the volume onto it
     WAITING = "WAITING"  # no pool fits the price or has capacity now; retried later
     CANCELLING = "CANCELLING"  # cancel requested; waiting for instances to go away
@@ -47,6 +49,9 @@ ENDED_STOPPED = "stopped"  # the instance stopped; we terminated it to free the 
 ENDED_COMPLETED = "completed"  # the workload exited (any code)
 ENDED_CANCELLED = "cancelled"  # the user cancelled the job
 ENDED_LAUNCH_FAILED = "launch-failed"  # no candidate pool would start an instance
+# We ended an on-demand instance to go back to spot (ahead of schedule): neither an
+# interruption nor a failure.
+ENDED_LEFT_ON_DEMAND = "left-on-demand"
 
 # Formats, as AWS defines them; matched with ``fullmatch`` (``$`` would let a
 # trailing newline through).
@@ -258,6 +263,7 @@ class Attempt(BaseModel):
     on_demand_price: float | None = None
     running_at: float | None = None
     warned_at: float | None = None  # interruption notice received
+    left_at: float | None = None  # we chose to end it: leaving on-demand for spot
     ended_at: float | None = None
     end_reason: str | None = None
 

@@ -4,7 +4,9 @@ The choice itself is :func:`chalicelib.policy.decide_placement`, the same functi
 ``spotctl simulate`` scores on real availability traces. This module only translates:
 the job record and the observed spot prices into a ``PlacementView``, and the
 policy's ``Spot`` / ``OnDemand`` / ``Wait`` into the ordered candidates of an attempt
-(each with its ClientToken) or a time to wait until.
+(each with its ClientToken) or a time to wait until. For a job running on on-demand
+the policy is also asked, with its run described, whether to leave it for spot
+(:func:`leave_on_demand`).
 
 Each pool's quote carries the history of spot there (:class:`PoolHistory`), in the
 terms the simulator records from its traces: the interruptions, the spells of spot
@@ -374,6 +376,7 @@ def history_of(observations: Sequence[CapacityObservation]) -> PoolHistory:
     simulate --history own`` replays a job's own record through it)."""
     return _history(_events(observations))
 
+
 def _history(events: list[_Event]) -> PoolHistory:
     """Replay one pool's events, oldest first, as the simulator replays its trace."""
     interruptions: list[policy.Interruption] = []
@@ -519,9 +522,11 @@ def placement_view(
     now: float,
     movable: bool = False,
     fleet: Mapping[Pool, Sequence[CapacityObservation]] | None = None,
+    current: policy.CurrentRun | None = None,
 ) -> policy.PlacementView:
     """The policy's view; ``fleet``: the offered pools' fleet records (None: not
-    looked up, the job's own record alone)."""
+    looked up, the job's own record alone); ``current``: the instance the job runs on
+    when the policy is asked whether to keep it (None: none runs, plan a start)."""
     spec = job.spec
     zone = job.volume.az if job.volume is not None else None
     offered_zones = zones_offered(job, movable)
@@ -542,13 +547,51 @@ def placement_view(
         restart_overhead_hours=RESTART_OVERHEAD_HOURS,
         migration_overhead_hours=policy.migration_overhead_hours(spec.volume_gib or 0),
         price_cap=spec.max_price_per_hour,
-        current=None,  # asked only when no instance runs for the job
+        current=current,
         volume_az=zone,
         pools=quotes,
         recheck_hours=1.0 / 60.0,  # the sweep runs every minute
         history_since=job.created_at,
         job_started_at=job.created_at,
     )
+
+
+def leave_on_demand(
+    job: Job,
+    prices: Mapping[Pool, float],
+    now: float,
+    fleet: Mapping[Pool, Sequence[CapacityObservation]] | None = None,
+) -> str | None:
+    """The policy's reason to end the job's running on-demand instance and go back
+    to spot, or None to keep it.
+
+    Asked only with a deadline and a work estimate (the policy judges "ahead of
+    schedule" by both) and only once the job has a volume. Only the pools of the
+    volume's zone are offered: the instance holds the volume, so no move. The
+    instance is described as it runs (started when first seen running, its restart
+    overhead counted from then), as the simulator describes its current run.
+    """
+    current = job.current
+    spec = job.spec
+    if (
+        current is None
+        or current.ended
+        or current.market != "on-demand"
+        or current.pool is None
+        or job.volume is None
+        or spec.deadline is None
+        or spec.expected_hours is None
+    ):
+        return None
+    run = policy.CurrentRun(
+        pool=policy.Pool(current.pool.instance_type, current.pool.az),
+        market=policy.Market.ON_DEMAND,
+        started_at=current.running_at if current.running_at is not None else current.requested_at,
+        startup_hours=RESTART_OVERHEAD_HOURS,
+    )
+    view = placement_view(job, prices, now, movable=False, fleet=fleet, current=run)
+    choice = policy.decide_placement(view, now)
+    return choice.reason if isinstance(choice, policy.Spot) else None
 
 
 def plan(

@@ -23,6 +23,15 @@ CreateVolume from it in the new zone (ClientToken), (3) once that volume is
 usual. A failed step drops the move and the job stays in its volume's zone for a
 while. Safety rule: the old volume and the snapshot are never deleted by spotctl;
 they are listed on the job (``kept_after_moves``) for the user to remove.
+
+Leaving on-demand for spot: the sweep asks the policy, for a job running on
+on-demand with a deadline and a work estimate, whether it is far enough ahead of
+schedule to go back to spot (``placement.leave_on_demand``). If so, the attempt's
+``left_at`` is written ahead and its instance terminated; the agent gets SIGTERM at
+shutdown and checkpoints as on a spot notice. Once EC2 shows the instance going,
+the attempt ends ``left-on-demand`` (neither an interruption nor a failure) and the
+relaunch path plans the next attempt with no instance running, attaching the
+volume when the old instance has let it go.
 """
 
 from __future__ import annotations
@@ -55,6 +64,7 @@ from chalicelib.models import (
     ENDED_COMPLETED,
     ENDED_INTERRUPTED,
     ENDED_LAUNCH_FAILED,
+    ENDED_LEFT_ON_DEMAND,
     ENDED_RECLAIMED,
     ENDED_STOPPED,
     Attempt,
@@ -73,6 +83,9 @@ WARNED_INSTANCE_GRACE_SECONDS = 300.0  # a warned instance still alive after thi
 ORPHAN_AFTER_SECONDS = 900.0
 SWEEP_OBSERVATION_MAX_AGE_SECONDS = 30.0  # a sweep looks again at jobs not visited by then
 MOVE_WAIT_FOR_VOLUME_SECONDS = 600.0  # a move gives up if the volume is not free by then
+# An on-demand instance we are leaving that still shows running after this long: the
+# pass that wrote the leave ahead died before its TerminateInstances; terminate again.
+LEFT_INSTANCE_TERMINATE_AGAIN_SECONDS = 120.0
 
 
 # -- what we observe ---------------------------------------------------------------
@@ -152,6 +165,14 @@ class DeleteVolume:
     volume_id: str
 
 
+@dataclass(frozen=True)
+class LeaveOnDemand:
+    """Terminate the job's on-demand instance to go back to spot (written ahead: the
+    record says why the instance went before it goes)."""
+
+    instance_id: str
+
+
 Action = (
     CreateVolume
     | CreateSnapshot
@@ -160,6 +181,7 @@ Action = (
     | Terminate
     | DeleteVolume
     | TerminateLaunched
+    | LeaveOnDemand
 )
 
 
@@ -174,8 +196,14 @@ class Decision:
 # -- deciding --------------------------------------------------------------------
 
 
-def decide(job: Job, observed: Observed, now: float) -> Decision:
-    """The next record and actions for ``job``, given what EC2 shows at ``now``."""
+def decide(job: Job, observed: Observed, now: float, sweeping: bool = False) -> Decision:
+    """The next record and actions for ``job``, given what EC2 shows at ``now``.
+
+    ``sweeping``: the schedule sweep's pass, which also asks whether a job running on
+    on-demand should go back to spot. Event passes do not: the question needs spot
+    prices, and the sweep (every minute, prices shared by all its jobs) asks often
+    enough.
+    """
     if observed.instances is None:
         if _warned_and_not_replaced(job):
             # The fast path of a recovery: the notice says the instance is going, and
@@ -215,7 +243,57 @@ def decide(job: Job, observed: Observed, now: float) -> Decision:
         return Decision(job, _terminate(terminate))
     if current.warned_at is not None:
         return _next_attempt(job, observed, now, terminate)
+    if current.left_at is not None:
+        return _await_left_instance(job, current, now, terminate)
+    if sweeping and _may_leave_on_demand(job, current, instance, observed):
+        if observed.prices is None:
+            return Decision(job, _terminate(terminate), needs_prices=True)
+        reason = placement.leave_on_demand(job, observed.prices, now, observed.fleet)
+        if reason is not None:
+            return _leave_on_demand(job, current, now, terminate, reason)
     return _place_volume(job, current, instance, observed, now, terminate)
+
+
+def _may_leave_on_demand(
+    job: Job, current: Attempt, instance: InstanceView, observed: Observed
+) -> bool:
+    """Whether to ask the policy about leaving on-demand: the job runs on an on-demand
+    instance with its volume attached, and has the deadline and the work estimate by
+    which the policy judges being ahead of schedule."""
+    volume = observed.volume
+    return (
+        job.state == JobState.RUNNING
+        and current.market == "on-demand"
+        and instance.state == "running"
+        and job.move is None
+        and job.volume is not None
+        and volume is not None
+        and volume.attached_to == current.instance_id
+        and job.spec.deadline is not None
+        and job.spec.expected_hours is not None
+    )
+
+
+def _leave_on_demand(
+    job: Job, current: Attempt, now: float, terminate: list[str], reason: str
+) -> Decision:
+    """End the on-demand instance; the attempt ends once EC2 shows it going, and the
+    relaunch path (no instance running) plans the spot attempt."""
+    instance_id = current.instance_id
+    assert instance_id is not None
+    job = job.replace_attempt(current.model_copy(update={"left_at": now}))
+    job = job.model_copy(update={"state": JobState.INTERRUPTED})
+    job = job.with_event(now, "leaving-on-demand", f"{instance_id}: {reason}", current.number)
+    return Decision(job, (LeaveOnDemand(instance_id), *_terminate(terminate)))
+
+
+def _await_left_instance(job: Job, current: Attempt, now: float, terminate: list[str]) -> Decision:
+    """The instance we are leaving still shows running: wait for it to go, and end it
+    again only if the pass that decided to leave died before its TerminateInstances."""
+    assert current.left_at is not None and current.instance_id is not None
+    if now - current.left_at > LEFT_INSTANCE_TERMINATE_AGAIN_SECONDS:
+        return Decision(job, _terminate(terminate, [current.instance_id]))
+    return Decision(job, _terminate(terminate))
 
 
 def _warned_and_not_replaced(job: Job) -> bool:
@@ -271,6 +349,8 @@ def _why_gone(job: Job, attempt: Attempt) -> str:
         return ENDED_CANCELLED
     if job.exit_code is not None:
         return ENDED_COMPLETED
+    if attempt.left_at is not None:
+        return ENDED_LEFT_ON_DEMAND
     return ENDED_INTERRUPTED if attempt.warned_at is not None else ENDED_RECLAIMED
 
 
@@ -722,6 +802,7 @@ class Reconciler:
         observe: Callable[[Job], Observed],
         prices: Callable[[Job, float], Mapping[Pool, float]],
         fleet: Callable[[Job, Mapping[Pool, float], float], FleetView],
+        sweeping: bool = False,
     ) -> Job:
         read = saved = stored
         now = self.clock()
@@ -729,17 +810,17 @@ class Reconciler:
             job = signal(stored, now) if signal is not None else stored
             # Look up only what decide asks for: a recovery needs prices, not a describe.
             observed = Observed()
-            decision = decide(job, observed, now)
+            decision = decide(job, observed, now, sweeping)
             if decision.needs_observation:
                 observed = observe(job)
-                decision = decide(job, observed, now)
+                decision = decide(job, observed, now, sweeping)
             if decision.needs_prices:
                 found = prices(job, now)
                 observed = replace(observed, prices=found, fleet=fleet(job, found, now))
-                decision = decide(job, observed, now)
+                decision = decide(job, observed, now, sweeping)
             job = decision.job
 
-            written_ahead = (Launch, CreateSnapshot)
+            written_ahead = (Launch, CreateSnapshot, LeaveOnDemand)
             if any(isinstance(a, written_ahead) for a in decision.actions) and job != stored:
                 # Write ahead: the attempt (or move) exists before the instance (or snapshot).
                 job = self._save(job, now)
@@ -892,7 +973,7 @@ class Reconciler:
             observe = self._observe if job.move is not None else observation.slice
             try:
                 try:
-                    self._pass_on(job, None, observe, prices_once, fleet_once)
+                    self._pass_on(job, None, observe, prices_once, fleet_once, sweeping=True)
                 except ConcurrentUpdate:
                     # Written since the sweep read it: its own pass observes it afresh.
                     sweep_calls += self.calls
@@ -1022,6 +1103,11 @@ class Reconciler:
             self.calls.append("ec2:TerminateInstances")
             self.ec2.terminate(action.instance_ids)
             logger.info("terminated", extra={**log, "instance_ids": list(action.instance_ids)})
+            return job
+        if isinstance(action, LeaveOnDemand):
+            self.calls.append("ec2:TerminateInstances")
+            self.ec2.terminate([action.instance_id])
+            logger.info("leaving on-demand", extra={**log, "instance_id": action.instance_id})
             return job
         self.calls.append("ec2:DeleteVolume")
         self.ec2.delete_volume(action.volume_id)

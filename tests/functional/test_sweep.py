@@ -161,8 +161,8 @@ def test_a_long_sweep_looks_again_before_acting_on_an_old_observation(
     reconciler = runtime.control_plane().reconciler
     real_pass = reconciler._pass_on
 
-    def slow_pass(*args: Any) -> Any:
-        job = real_pass(*args)
+    def slow_pass(*args: Any, **kwargs: Any) -> Any:
+        job = real_pass(*args, **kwargs)
         env.clock.advance(31)  # throttled calls backing off, say
         return job
 

@@ -1,0 +1,127 @@
+"""A job forced onto on-demand goes back to spot once spot capacity returns.
+
+Through the API, EC2 events and the schedule sweep, against moto: spot capacity in the
+one pool is refused (another job's refusal, shared through the pool's fleet record,
+starts ours on-demand), then returns; the sweep, ahead of schedule, ends the
+on-demand instance and the job moves its volume onto a spot instance.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from botocore.awsrequest import AWSResponse, HTTPHeaders
+
+from chalicelib import runtime
+from tests.functional.conftest import Env
+from tests.functional.test_recovery_loop import attachment_of
+
+HOUR = 3600.0
+TYPE, ZONE = "g4dn.xlarge", "us-east-1a"
+ONE_POOL = {"instance_types": [TYPE], "availability_zones": [ZONE]}
+
+
+def refuse_spot(capacity: dict[str, bool]) -> None:
+    """EC2 refuses spot launches while ``capacity["spot"]`` is False (on-demand runs)."""
+
+    def handler(params: dict[str, Any], **_: Any) -> Any:
+        spot = params["body"].get("InstanceMarketOptions.MarketType") == "spot"
+        if not spot or capacity["spot"]:
+            return None
+        body = {"Error": {"Code": "InsufficientInstanceCapacity", "Message": "no spot capacity"}}
+        return AWSResponse("http://moto", 500, HTTPHeaders(), None), body
+
+    client = runtime.control_plane().reconciler.ec2._client
+    client.meta.events.register("before-call.ec2.RunInstances", handler)
+
+
+def state_of(env: Env, instance_id: str) -> str:
+    reservation = env.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
+    state: str = reservation["Instances"][0]["State"]["Name"]
+    return state
+
+
+def events_of(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e for e in job["events"] if e["kind"] == kind]
+
+
+def test_a_job_forced_onto_on_demand_goes_back_to_spot_when_capacity_returns(env: Env) -> None:
+    env.cloud.set_spot_prices({(TYPE, ZONE): 0.2})
+    capacity = {"spot": False}
+    refuse_spot(capacity)
+
+    # Another job (no deadline) finds no spot capacity: it waits, and its refusal goes
+    # into the pool's fleet record.
+    other = env.submit(**ONE_POOL, name="other")
+    assert other["state"] == "WAITING"
+    env.clock.advance(60)
+
+    # Ours has a deadline with little slack: with no spot now it starts on-demand.
+    deadline = datetime.fromtimestamp(env.clock.now + 11 * HOUR, UTC).isoformat()
+    job = env.submit(**ONE_POOL, expected_hours=10, deadline=deadline)
+    job_id = job["job_id"]
+    on_demand = job["attempts"][0]
+    assert on_demand["market"] == "on-demand", job["events"]
+    od_instance = on_demand["instance_id"]
+    env.clock.advance(60)
+    od_running_at = env.clock.now
+    env.cloud.state_change(od_instance, "running")
+    volume_id = env.job(job_id)["volume"]["volume_id"]
+    assert env.job(job_id)["state"] == "RUNNING"
+
+    # No spot yet: the sweep keeps on-demand.
+    env.cloud.sweep()
+    assert events_of(env.job(job_id), "leaving-on-demand") == []
+
+    # Spot returns. Once the refusal is older than the policy's memory of it, the
+    # sweep (ahead of schedule) leaves on-demand; the other job's retry runs on spot.
+    capacity["spot"] = True
+    env.clock.advance(240)
+    env.cloud.sweep()
+    job = env.job(job_id)
+    (leaving,) = events_of(job, "leaving-on-demand")
+    assert leaving["detail"] == f"{od_instance}: ahead of schedule: leave on-demand for spot"
+    assert job["state"] == "INTERRUPTED"
+    assert state_of(env, od_instance) in ("shutting-down", "terminated")
+    assert env.job(other["job_id"])["attempts"][-1]["market"] == "spot"
+
+    # The terminated event (and any sweep) relaunches once, on spot, in the same pool.
+    env.clock.advance(30)
+    od_ended_at = env.clock.now
+    env.cloud.state_change(od_instance, "terminated")
+    env.cloud.sweep()
+    job = env.job(job_id)
+    assert len(job["attempts"]) == 2
+    spot = job["attempts"][1]
+    assert spot["market"] == "spot"
+    assert spot["pool"] == f"{TYPE}@{ZONE}"
+    assert spot["reason"].startswith(f"spot in {TYPE}@{ZONE}: ")
+    assert len(env.cloud.instances(job_id)) == 2
+    env.clock.advance(60)
+    env.cloud.state_change(spot["instance_id"], "running")
+    env.cloud.sweep()
+
+    job = env.job(job_id)
+    assert job["state"] == "RUNNING", job["events"]
+    assert attachment_of(env, volume_id) == spot["instance_id"]
+    assert [i["InstanceId"] for i in env.cloud.live_instances(job_id)] == [spot["instance_id"]]
+    assert state_of(env, od_instance) == "terminated"
+    assert [a["end_reason"] for a in job["attempts"]] == ["left-on-demand", None]
+    assert job["interruptions"] == 0
+    assert job["state"] != "FAILED" and job["failure"] is None
+    env.cloud.assert_invariants(job_id)
+
+    # The cost record has both attempts: on-demand at list price until EC2 showed it
+    # going, then spot from first sight running (moto's instances run at once: the
+    # sweep right after the launch saw it).
+    env.clock.advance(HOUR)
+    job = env.job(job_id)
+    first, second = job["attempts"]
+    assert (first["price"], second["price"]) == (0.526, 0.2)
+    od_hours = (od_ended_at - od_running_at) / HOUR
+    assert first["cost_usd"] == pytest.approx(0.526 * od_hours, abs=1e-4)
+    spot_hours = (env.clock.now - od_ended_at) / HOUR
+    assert second["cost_usd"] == pytest.approx(0.2 * spot_hours, abs=1e-4)
+    assert job["cost_usd"] == pytest.approx(0.526 * od_hours + 0.2 * spot_hours, abs=1e-3)
