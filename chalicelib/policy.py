@@ -37,8 +37,10 @@ every hour spent waiting spends an hour of it, running spends none. The policy
 - moves the volume to another AZ only when the spot time it is expected to buy there
   pays for the move: its startup costs its hours at the on-demand price (billed
   without progress, and slack a later outage buys back on on-demand), a move out of
-  the home AZ pays for the way back too and counts only the spot it buys until home
-  has spot again (by the home's outage record), and slack taken from below the
+  the home AZ (or, with no zone's share of spot known, any move for want of spot at
+  home) pays for the way back too and counts only the spot it buys until home has
+  spot again (by the home's outage record), a move while home has spot saves only
+  the difference in spot prices, and slack taken from below the
   reserve costs the on-demand hours needed to earn it back at the reserve's rate;
 - starts the job in its home: the AZ spot has been in most by the recent record,
   even when it has no spot this minute; before paying for a move it waits,
@@ -558,10 +560,12 @@ def _move_pays(
 
     Gain: each hour of spot saves the on-demand price less the spot price; how many
     hours, the target pool's spell record says (:func:`expected_spot_hours`), never
-    more than the work left. A move out of a home with more capacity is an
-    excursion: it buys spot only until home has it again (the home's outage record,
-    :func:`expected_outage_hours`), and pays ``excursion_trips`` moves (out and
-    back). Cost: the move's startup (restart plus volume move) is billed without
+    more than the work left; when home has spot too, each hour saves only the
+    difference in spot prices. A move out of a home with more capacity, or, when
+    neither zone's share of time with spot is known, a move for want of spot at
+    home, is an excursion: it buys spot only until home has it again (the home's
+    outage record, :func:`expected_outage_hours`), and pays ``excursion_trips`` moves
+    (out and back). Cost: the move's startup (restart plus volume move) is billed without
     progress and spends as much slack, which a later outage buys back on on-demand,
     so it costs its hours at the on-demand price. Slack the move takes from below
     the reserve is dearer: behind the reserve, the policy earns slack back only on
@@ -576,17 +580,27 @@ def _move_pays(
         hours = min(hours, remaining)
     trips = 1.0
     home = next((q for q in view.pools if q.pool.az == view.volume_az), None)
-    if (
-        home is not None
-        and home.recent_availability is not None
-        and (quote.recent_availability or 0.0) < home.recent_availability
+    home_has_spot = home is not None and _usable_spot(home, view.price_cap)
+    if home is not None and (
+        (
+            home.recent_availability is not None
+            and (quote.recent_availability or 0.0) < home.recent_availability
+        )
+        # Nobody knows how often either zone has spot: leaving home for want of spot
+        # is a trip out and back too, or any zone not yet seen failing looks better.
+        or (
+            home.recent_availability is None
+            and quote.recent_availability is None
+            and not home_has_spot
+        )
     ):
         trips = tuning.excursion_trips
-        # An excursion buys spot only until home has it again.
-        outage = 0.0
-        if not _usable_spot(home, view.price_cap):
-            outage = expected_outage_hours(home, now, view.history_since, tuning)
-        hours = min(hours, outage)
+        if not home_has_spot:
+            # An excursion buys spot only until home has it again.
+            hours = min(hours, expected_outage_hours(home, now, view.history_since, tuning))
+    if home_has_spot and home is not None and home.spot_price is not None:
+        # Home has spot too: the move saves only the difference in spot prices.
+        premium = min(premium, home.spot_price - spot)
     cost = quote.on_demand_price * ranked.startup_hours * trips
     if share > 0.0:
         extra = trips * (ranked.startup_hours - view.restart_overhead_hours)

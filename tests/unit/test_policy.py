@@ -265,6 +265,21 @@ ROWS = [
         B,
     ),
     Row(
+        "spot at home with a poor record, none elsewhere yet: no move for the same price",
+        view(done=10.0, left=47.0, pools=(quote(A, interruptions=interrupted(36)), quote(B))),
+        Spot,
+        A,
+    ),
+    Row(
+        "home outage young, no zone's share of spot known: wait, not a move",
+        view(
+            done=10.0,
+            left=47.0,
+            pools=(quote(A, None, capacity_changed_at=NOW - 0.5 * H), quote(B)),
+        ),
+        Wait,
+    ),
+    Row(
         "home outage long, a move's worth of spot in another AZ by its spell record: move",
         view(
             done=10.0,
@@ -586,9 +601,17 @@ def test_expected_spot_hours_reads_the_spell_record(
 
 
 def test_a_move_behind_the_reserve_pays_for_the_slack_on_demand_earns_back() -> None:
-    home = quote(A, None, capacity_changed_at=NOW - 3 * H, interruptions=interrupted(36))
+    # Both zones known to have spot as often: not a trip out and back.
+    home = quote(
+        A,
+        None,
+        capacity_changed_at=NOW - 3 * H,
+        interruptions=interrupted(36),
+        recent_availability=0.8,
+    )
     other = quote(
         B,
+        recent_availability=0.8,
         capacity_changed_at=NOW - 0.5 * H,
         spell_hours=SHORT_SPELLS,
         interruptions=interrupted(36),
