@@ -52,12 +52,13 @@ class Task:
     overhead: float
     policy: str
     starts: int
+    history: str = "fleet"  # spotctl's view of the pools' past (simulate --history)
 
 
 def run(task: Task) -> tuple[Task, Summary]:
     traces = [Trace.load(Path(f)) for f in task.files]
     job = JobSpec(deadline_hours=task.deadline, restart_overhead_hours=task.overhead)
-    return task, simulate(traces, job, task.policy, task.starts)
+    return task, simulate(traces, job, task.policy, task.starts, history=task.history)
 
 
 def traces_in(folder: str) -> list[str]:
@@ -95,14 +96,27 @@ def main() -> int:
         for dl in DEADLINES:
             for oh in OVERHEADS:
                 tasks.append(Task(files, dl, oh, "spotctl", args.starts))
+    # The same policy told only what the job saw itself (a lone job's Lambda).
+    own_sets: dict[str, list[tuple[str, ...]]] = {
+        f"single AZ, {SINGLE}": [(f,) for f in traces_in(SINGLE)],
+        f"single AZ, held out ({MULTI})": [(f,) for f in traces_in(MULTI)],
+    }
+    own_sets.update({f"{g}, all AZs": [files] for g, files in groups.items()})
+    for sets in own_sets.values():
+        for files in sets:
+            for dl in DEADLINES:
+                for oh in OVERHEADS:
+                    tasks.append(Task(files, dl, oh, "spotctl", args.starts, "own"))
     # Longest first keeps both workers busy to the end.
     tasks.sort(key=lambda t: -len(t.files))
     with Pool(args.workers) as pool:
         results = dict(pool.map(run, tasks, chunksize=1))
     elapsed = time.monotonic() - began
 
-    def cost(files: tuple[str, ...], dl: float, oh: float, policy: str) -> Summary:
-        return results[Task(files, dl, oh, policy, args.starts)]
+    def cost(
+        files: tuple[str, ...], dl: float, oh: float, policy: str, history: str = "fleet"
+    ) -> Summary:
+        return results[Task(files, dl, oh, policy, args.starts, history)]
 
     lines: list[str] = []
     out = lines.append
@@ -209,6 +223,7 @@ def main() -> int:
                     f"| {bar:.3f}{'' if bar > floor else ' (below floor)'} | {floor:.3f} "
                     f"| {ours.deadline_misses} |"
                 )
+    own_section(out, cost, own_sets, groups)
     optimum_section(
         out,
         cost,
@@ -223,6 +238,53 @@ def main() -> int:
     plot(args.out / "cost.png", labels, single_ratios, multi_rows)
     print("\n".join(lines))
     return 0
+
+
+def own_section(
+    out: Callable[[str], None],
+    cost: Callable[..., Summary],
+    sets: dict[str, list[tuple[str, ...]]],
+    groups: dict[str, tuple[str, ...]],
+) -> None:
+    """The policy told only what the job saw itself, against the fleet's history."""
+    out("\n## Told only the job's own record (`spotctl simulate --history own`)\n")
+    out(
+        "The tables above give the policy the pools' history as a fleet of jobs sharing "
+        "pool records sees it: the trace from 24 h before the start, and the share of the "
+        "last 72 h with spot. Here it is told only what this one job saw (its spot runs, "
+        "their interruptions, the outages until its next spot start; no share), replayed "
+        "through the Lambda's own record code: what the Lambda knows about a pool no other "
+        "job has used. The bar is Uniform Progress, in the same AZ (single) or in the best "
+        "single AZ (multi-AZ).\n"
+    )
+    out(
+        "| scenarios | spotctl, fleet's history | spotctl, own record | Uniform Progress "
+        "| own / UP | worst own / UP | misses |"
+    )
+    out("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, files_list in sets.items():
+        fleet: list[float] = []
+        own: list[float] = []
+        up: list[float] = []
+        ratios: list[float] = []
+        misses = 0
+        for files in files_list:
+            for dl in DEADLINES:
+                for oh in OVERHEADS:
+                    o = cost(files, dl, oh, "spotctl", "own")
+                    fleet.append(cost(files, dl, oh, "spotctl").mean_cost)
+                    own.append(o.mean_cost)
+                    bar = min(cost((f,), dl, oh, "uniform-progress").mean_cost for f in files)
+                    up.append(bar)
+                    ratios.append(o.mean_cost / bar)
+                    misses += o.deadline_misses
+        mean_up = statistics.fmean(up)
+        out(
+            f"| {name} ({len(own)}) | {statistics.fmean(fleet):.3f} | {statistics.fmean(own):.3f} "
+            f"| {mean_up:.3f} | {statistics.fmean(own) / mean_up:.3f} | {max(ratios):.3f} "
+            f"| {misses} |"
+        )
+    out("")
 
 
 def optimum_section(

@@ -35,7 +35,7 @@ from itertools import accumulate
 from pathlib import Path
 
 from chalicelib import policy
-from chalicelib.placement import CapacityObservation, Seen, history_of
+from chalicelib.placement import CapacityObservation, PoolHistory, Seen, history_of
 from spotctl.baselines import Greedy, OnDemandOnly, UniformProgress
 from spotctl.simulation_types import Kind, Policy, TickState
 
@@ -303,6 +303,7 @@ class SpotctlPolicy:
         self._history_start = EPOCH0
         # The job's own record (history "own"): observations per pool, and its spot run.
         self._seen: list[list[CapacityObservation]] = [[] for _ in self._traces]
+        self._histories: list[PoolHistory | None] = [None for _ in self._traces]  # of _seen
         self._spot_run: tuple[int, float, str] | None = None  # pool, start, instance id
         self._instances = 0
 
@@ -419,7 +420,9 @@ class SpotctlPolicy:
         view = self._view_of(state)
         quotes = []
         for i, quote in enumerate(view.pools):
-            history = history_of(self._seen[i])
+            history = self._histories[i]
+            if history is None:
+                history = self._histories[i] = history_of(self._seen[i])
             quotes.append(
                 replace(
                     quote,
@@ -447,13 +450,17 @@ class SpotctlPolicy:
             self._note_choice(state, chosen, now)
         return chosen
 
+    def _note(self, pool: int, observation: CapacityObservation) -> None:
+        self._seen[pool].append(observation)
+        self._histories[pool] = None
+
     def _note_preemption(self, state: TickState, now: float) -> None:
         """Our spot run is gone without our choosing: the record's interruption."""
         if self._spot_run is None or state.kind is Kind.SPOT:
             return
         pool, began, instance = self._spot_run
-        self._seen[pool].append(
-            CapacityObservation(Seen.INTERRUPTED, now, "sim", instance, started_at=began)
+        self._note(
+            pool, CapacityObservation(Seen.INTERRUPTED, now, "sim", instance, started_at=began)
         )
         self._spot_run = None
 
@@ -465,14 +472,12 @@ class SpotctlPolicy:
             return
         if self._spot_run is not None:
             pool, began, instance = self._spot_run
-            self._seen[pool].append(
-                CapacityObservation(Seen.LEFT, now, "sim", instance, started_at=began)
-            )
+            self._note(pool, CapacityObservation(Seen.LEFT, now, "sim", instance, started_at=began))
             self._spot_run = None
         if kind is Kind.SPOT:
             self._instances += 1
             instance = f"i-{self._instances:08x}"
-            self._seen[az].append(CapacityObservation(Seen.STARTED, now, "sim", instance))
+            self._note(az, CapacityObservation(Seen.STARTED, now, "sim", instance))
             self._spot_run = (az, now, instance)
 
 
