@@ -24,7 +24,7 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from chalice.test import Client
 from moto.server import ThreadedMotoServer
 
-from chalicelib import runtime
+from chalicelib import policy, runtime
 from chalicelib.agent_auth import derive_secret
 from chalicelib.store import create_table
 
@@ -221,3 +221,17 @@ def env(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Env]:
     with Client(app) as client:
         yield Env(client, Cloud(ec2, client), clock, ec2)
     runtime.reset()
+
+
+@pytest.fixture
+def policy_views(monkeypatch: pytest.MonkeyPatch) -> list[policy.PlacementView]:
+    """Every view the Lambda asks the placement policy to decide on, in order."""
+    seen: list[policy.PlacementView] = []
+    decide = policy.decide_placement
+
+    def spy(view: policy.PlacementView, now: float, *args: Any) -> policy.Placement:
+        seen.append(view)
+        return decide(view, now, *args)
+
+    monkeypatch.setattr(policy, "decide_placement", spy)
+    return seen

@@ -7,7 +7,6 @@ reads the offered pools' records before it plans.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -25,18 +24,10 @@ ONE_POOL = {"instance_types": [P.instance_type], "availability_zones": [P.az]}
 
 
 @pytest.fixture
-def views(env: Env, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[policy.PlacementView]]:
-    """Every view the policy is asked to decide on, in order."""
+def views(env: Env, policy_views: list[policy.PlacementView]) -> list[policy.PlacementView]:
+    """Every view the policy is asked to decide on, in order, with P's spot priced."""
     env.cloud.set_spot_prices({(P.instance_type, P.az): 0.2})
-    seen: list[policy.PlacementView] = []
-    decide = policy.decide_placement
-
-    def spy(view: policy.PlacementView, now: float, *args: Any) -> policy.Placement:
-        seen.append(view)
-        return decide(view, now, *args)
-
-    monkeypatch.setattr(policy, "decide_placement", spy)
-    yield seen
+    return policy_views
 
 
 def running_job(env: Env) -> tuple[str, str]:

@@ -24,16 +24,9 @@ def instance(env: Env, instance_id: str) -> dict[str, Any]:
 
 
 def test_the_lambda_path_calls_the_policy_the_simulator_scores(
-    env: Env, monkeypatch: pytest.MonkeyPatch
+    env: Env, policy_views: list[policy.PlacementView]
 ) -> None:
-    seen: list[policy.PlacementView] = []
-    real = policy.decide_placement
-
-    def spy(view: policy.PlacementView, now: float, *args: Any) -> policy.Placement:
-        seen.append(view)
-        return real(view, now, *args)
-
-    monkeypatch.setattr(policy, "decide_placement", spy)
+    seen = policy_views
     job = env.submit(expected_hours=20, deadline=deadline_in(env, 40))
     assert len(seen) == 1
     assert seen[0].total_work_hours == 20
