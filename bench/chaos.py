@@ -43,6 +43,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,11 @@ class ChaosConfig:
     sweep_seconds: float = 60.0
     audit_every: int = 5  # poll EC2's instances and volumes every N sandbox minutes
     cancel_fraction: float = 0.05
+    # This share of the jobs has a deadline (``deadline_factor`` x its work from its
+    # submission) and ``expected_hours``: the policy may start them on on-demand when
+    # spot is refused, and the sweep moves them back to spot once they are ahead.
+    deadline_fraction: float = 0.5
+    deadline_factor: float = 3.0
     trace_offset_tick: int = TRACE_OFFSET_TICK
     # p2.xlarge listed at $4/h in the sandbox market so its spot price (~$1.27) sorts
     # after p3.2xlarge's (~$0.97) and jobs run on the V100 pools, which the traces take
@@ -436,6 +442,8 @@ class ChaosReport:
     backoff_seconds_requested: float
     interruptions: int
     attempts_launched: int
+    on_demand_attempts: int
+    left_on_demand: int  # on-demand instances ended by the sweep to go back to spot
     max_steps_lost: int
     violations: dict[str, int]
     examples: dict[str, list[str]]
@@ -612,9 +620,14 @@ def _drive(
         now = clock.now()
         while arrivals and arrivals[0] <= now:
             arrivals.pop(0)
+            wanted = dict(spec)
+            if rng.random() < config.deadline_fraction:
+                hours = config.work_hours * config.deadline_factor
+                wanted["expected_hours"] = config.work_hours
+                wanted["deadline"] = datetime.fromtimestamp(now + hours * 3600, UTC).isoformat()
             try:
                 with injector.invocation("submit_job", first=2):  # call 1 stores the job
-                    job = plane.service.submit(spec)
+                    job = plane.service.submit(wanted)
                     job_ids.append(job.job_id)
             except LambdaCrash:
                 # The job was stored before the crash; the sweep takes it from there.
@@ -677,6 +690,9 @@ def _drive(
         if a.end_reason in ("interrupted", "reclaimed")
     )
     launched = sum(1 for _ in world.job_of)
+    attempts = [a for j in job_ids for a in plane.store.get(j).attempts if a.instance_id]
+    on_demand = sum(1 for a in attempts if a.market == "on-demand")
+    left = sum(1 for a in attempts if a.end_reason == "left-on-demand")
     adopted = sum(
         1 for j in job_ids for e in plane.store.get(j).timeline if e.kind == "launch-adopted"
     )
@@ -701,6 +717,8 @@ def _drive(
         backoff_seconds_requested=round(injector.backoff_seconds, 1),
         interruptions=interruptions,
         attempts_launched=launched,
+        on_demand_attempts=on_demand,
+        left_on_demand=left,
         max_steps_lost=max(world.max_loss.values(), default=0),
         violations=counts,
         examples={k: [str(x) for x in v] for k, v in examples.items()},
@@ -728,7 +746,8 @@ def render(report: ChaosReport) -> str:
         f"  instances: {report.agent_model}",
         f"  end states: {report.states}",
         f"  interruptions recorded: {report.interruptions}; instances launched: "
-        f"{report.attempts_launched}",
+        f"{report.attempts_launched}; on-demand: {report.on_demand_attempts}, of which "
+        f"{report.left_on_demand} left for spot by the sweep",
         "  faults injected: " + ", ".join(f"{k}={v}" for k, v in sorted(report.faults.items())),
         f"  botocore backoff requested: {report.backoff_seconds_requested} s (slept at 1/1000)",
         f"  most checkpoint steps lost by one job: {report.max_steps_lost} "

@@ -148,7 +148,9 @@ def _run(runs: int, boto3: Any, client_class: Any) -> int:
 
     typical = per_recovery[len(per_recovery) // 2]
     dynamodb_reads = sum(
-        n for op, n in typical.items() if op in ("dynamodb:GetItem", "dynamodb:Query")
+        n
+        for op, n in typical.items()
+        if op in ("dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:Query")
     )
     dynamodb_writes = sum(
         n for op, n in typical.items() if op in ("dynamodb:PutItem", "dynamodb:TransactWriteItems")
