@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -194,6 +195,32 @@ def test_interruption_notice_sigterm_then_sync_then_interrupted_report(box: Inst
     assert "workload exit 143" in str(interrupted[0]["body"]["detail"])
     assert reports(box, "exited") == []  # an interrupted workload has not finished the job
     assert len(box.calls("shutdown")) == 1
+
+
+def test_the_agent_terminated_by_its_os_stops_syncs_and_reports_interrupted(
+    box: Instance,
+) -> None:
+    # How an on-demand instance spotctl leaves for spot ends: TerminateInstances shuts
+    # the OS down, which sends the agent SIGTERM; no metadata notice comes first.
+    proc = box.start(box.params(python_workload(box, "trainer", TRAINER), grace_seconds=5))
+    wait_for((box.mount / "running").exists, what="workload start")
+    told_at = time.time()
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+
+    sigterm_at = float((box.mount / "sigterm-at").read_text())
+    assert sigterm_at - told_at < 10
+    uploads = [
+        c
+        for c in box.calls("aws")
+        if c["argv"][:2] == ["s3", "sync"] and c["argv"][3].startswith("s3://")
+    ]
+    assert uploads and uploads[0]["t"] > sigterm_at
+    assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
+    interrupted = reports(box, "interrupted")
+    assert len(interrupted) == 1 and interrupted[0]["t"] > uploads[0]["t"]
+    assert "agent got SIGTERM" in str(interrupted[0]["body"]["detail"])
+    assert reports(box, "exited") == []
 
 
 def test_a_workload_ignoring_sigterm_is_killed_after_the_grace_period(box: Instance) -> None:
