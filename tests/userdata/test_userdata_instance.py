@@ -78,6 +78,15 @@ def reports(box: Instance, kind: str) -> list[dict[str, Any]]:
     return [r for r in box.api.reports if r["body"]["kind"] == kind]
 
 
+def s3_uploads(box: Instance) -> list[dict[str, Any]]:
+    """The agent's ``aws s3 sync`` calls that upload (volume to S3), in order."""
+    return [
+        c
+        for c in box.calls("aws")
+        if c["argv"][:2] == ["s3", "sync"] and c["argv"][3].startswith("s3://")
+    ]
+
+
 def test_blank_volume_is_formatted_mounted_and_the_exit_code_reported(box: Instance) -> None:
     box.set("lsblk.out", "nvme0n1 vol0aaaaaaaaaaaaaaaa")  # the job's volume is not there yet
     command = python_workload(box, "recorder", RECORDER)
@@ -182,11 +191,7 @@ def test_interruption_notice_sigterm_then_sync_then_interrupted_report(box: Inst
 
     sigterm_at = float((box.mount / "sigterm-at").read_text())
     assert sigterm_at - noticed_at < 10
-    uploads = [
-        c
-        for c in box.calls("aws")
-        if c["argv"][:2] == ["s3", "sync"] and c["argv"][3].startswith("s3://")
-    ]
+    uploads = s3_uploads(box)
     assert uploads and uploads[0]["t"] > sigterm_at
     assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
     assert not (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt.tmp").exists()
@@ -210,11 +215,7 @@ def test_the_agent_terminated_by_its_os_stops_syncs_and_reports_interrupted(
 
     sigterm_at = float((box.mount / "sigterm-at").read_text())
     assert sigterm_at - told_at < 10
-    uploads = [
-        c
-        for c in box.calls("aws")
-        if c["argv"][:2] == ["s3", "sync"] and c["argv"][3].startswith("s3://")
-    ]
+    uploads = s3_uploads(box)
     assert uploads and uploads[0]["t"] > sigterm_at
     assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
     interrupted = reports(box, "interrupted")
