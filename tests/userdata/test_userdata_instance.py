@@ -183,34 +183,26 @@ def test_on_xen_the_volume_is_the_attach_device(box: Instance) -> None:
     assert [c["argv"][-2] for c in box.calls("mount")] == ["/dev/xvdf"]
 
 
-def test_interruption_notice_sigterm_then_sync_then_interrupted_report(box: Instance) -> None:
-    proc = box.start(box.params(python_workload(box, "trainer", TRAINER), grace_seconds=5))
-    wait_for((box.mount / "running").exists, what="workload start")
-    noticed_at = box.imds.interrupt()
-    proc.communicate(timeout=30)
-
-    sigterm_at = float((box.mount / "sigterm-at").read_text())
-    assert sigterm_at - noticed_at < 10
-    uploads = s3_uploads(box)
-    assert uploads and uploads[0]["t"] > sigterm_at
-    assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
-    assert not (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt.tmp").exists()
-    interrupted = reports(box, "interrupted")
-    assert len(interrupted) == 1 and interrupted[0]["t"] > uploads[0]["t"]
-    assert "workload exit 143" in str(interrupted[0]["body"]["detail"])
-    assert reports(box, "exited") == []  # an interrupted workload has not finished the job
-    assert len(box.calls("shutdown")) == 1
-
-
-def test_the_agent_terminated_by_its_os_stops_syncs_and_reports_interrupted(
-    box: Instance,
+@pytest.mark.parametrize(
+    ("told_by", "cause"),
+    [
+        # A spot interruption: the notice in instance metadata, two minutes ahead.
+        ("notice", "terminate"),
+        # An on-demand instance spotctl leaves for spot: TerminateInstances shuts the OS
+        # down, which sends the agent SIGTERM; no metadata notice comes first.
+        ("os", "agent got SIGTERM"),
+    ],
+)
+def test_told_to_stop_sigterm_then_sync_then_interrupted_report(
+    box: Instance, told_by: str, cause: str
 ) -> None:
-    # How an on-demand instance spotctl leaves for spot ends: TerminateInstances shuts
-    # the OS down, which sends the agent SIGTERM; no metadata notice comes first.
     proc = box.start(box.params(python_workload(box, "trainer", TRAINER), grace_seconds=5))
     wait_for((box.mount / "running").exists, what="workload start")
-    told_at = time.time()
-    proc.send_signal(signal.SIGTERM)
+    if told_by == "notice":
+        told_at = box.imds.interrupt()
+    else:
+        told_at = time.time()
+        proc.send_signal(signal.SIGTERM)
     proc.communicate(timeout=30)
 
     sigterm_at = float((box.mount / "sigterm-at").read_text())
@@ -218,10 +210,13 @@ def test_the_agent_terminated_by_its_os_stops_syncs_and_reports_interrupted(
     uploads = s3_uploads(box)
     assert uploads and uploads[0]["t"] > sigterm_at
     assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
+    assert not (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt.tmp").exists()
     interrupted = reports(box, "interrupted")
     assert len(interrupted) == 1 and interrupted[0]["t"] > uploads[0]["t"]
-    assert "agent got SIGTERM" in str(interrupted[0]["body"]["detail"])
-    assert reports(box, "exited") == []
+    assert "workload exit 143" in str(interrupted[0]["body"]["detail"])
+    assert cause in str(interrupted[0]["body"]["detail"])
+    assert reports(box, "exited") == []  # an interrupted workload has not finished the job
+    assert len(box.calls("shutdown")) == 1
 
 
 def test_a_workload_ignoring_sigterm_is_killed_after_the_grace_period(box: Instance) -> None:
