@@ -51,6 +51,9 @@ _MISSING_CODES = frozenset(
 # creation, so it is there from the first moment EC2 shows the resource).
 JOB_TAG = "spotctl:job-id"
 MOVE_TAG = "spotctl:move"  # on a move's snapshot: the move's number
+# On an instance we are leaving (on-demand, to go back to spot): the agent reads it in
+# the instance metadata (tags/instance/spotctl:leave), checkpoints, syncs and goes.
+LEAVE_TAG = "spotctl:leave"
 # EC2 refuses more values than this in one filter.
 MAX_FILTER_VALUES = 200
 # The largest page DescribeInstances / DescribeVolumes serve.
@@ -345,10 +348,12 @@ class Ec2Gateway:
             # The agent shuts the instance down when the workload ends: terminate it.
             "InstanceInitiatedShutdownBehavior": "terminate",
             # IMDSv2 only; hop limit 2 so a container on a bridge network can reach it.
+            # Tags in the metadata: how the agent learns it is asked to leave (LEAVE_TAG).
             "MetadataOptions": {
                 "HttpTokens": "required",
                 "HttpPutResponseHopLimit": 2,
                 "HttpEndpoint": "enabled",
+                "InstanceMetadataTags": "enabled",
             },
             "TagSpecifications": _tags("instance", tags),
         }
@@ -426,6 +431,17 @@ class Ec2Gateway:
             return
         try:
             self._client.terminate_instances(InstanceIds=ids)
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
+                _raise_typed(exc)
+
+    def ask_to_leave(self, instance_id: str, at: str) -> None:
+        """Tag the instance with ``LEAVE_TAG`` (value ``at``); an instance already gone
+        needs no asking."""
+        try:
+            self._client.create_tags(
+                Resources=[instance_id], Tags=[{"Key": LEAVE_TAG, "Value": at}]
+            )
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
                 _raise_typed(exc)

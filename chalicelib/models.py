@@ -264,6 +264,7 @@ class Attempt(BaseModel):
     running_at: float | None = None
     warned_at: float | None = None  # interruption notice received
     left_at: float | None = None  # we chose to end it: leaving on-demand for spot
+    leave_asked_at: float | None = None  # the instance was tagged to drain and go
     ended_at: float | None = None
     end_reason: str | None = None
 

@@ -27,11 +27,15 @@ they are listed on the job (``kept_after_moves``) for the user to remove.
 Leaving on-demand for spot: the sweep asks the policy, for a job running on
 on-demand with a deadline and a work estimate, whether it is far enough ahead of
 schedule to go back to spot (``placement.leave_on_demand``). If so, the attempt's
-``left_at`` is written ahead and its instance terminated; the agent gets SIGTERM at
-shutdown and checkpoints as on a spot notice. Once EC2 shows the instance going,
-the attempt ends ``left-on-demand`` (neither an interruption nor a failure) and the
-relaunch path plans the next attempt with no instance running, attaching the
-volume when the old instance has let it go.
+``left_at`` is written ahead and the instance is asked to go: tagged ``spotctl:leave``,
+which its agent reads in the instance metadata, and then it stops the workload with
+the checkpoint signal, syncs to S3, reports and shuts the instance down, as on a spot
+notice. (TerminateInstances alone would leave the checkpoint to the OS's shutdown,
+which EC2 gives no set time.) An instance still running ``LEAVE_DRAIN_SECONDS`` past
+the job's grace is terminated. Once EC2 shows the instance going, the attempt ends
+``left-on-demand`` (neither an interruption nor a failure) and the relaunch path
+plans the next attempt with no instance running, attaching the volume when the old
+instance has let it go.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from chalicelib.models import (
     Pool,
     Volume,
     VolumeMove,
+    iso,
 )
 from chalicelib.store import JobStore
 
@@ -83,9 +88,10 @@ WARNED_INSTANCE_GRACE_SECONDS = 300.0  # a warned instance still alive after thi
 ORPHAN_AFTER_SECONDS = 900.0
 SWEEP_OBSERVATION_MAX_AGE_SECONDS = 30.0  # a sweep looks again at jobs not visited by then
 MOVE_WAIT_FOR_VOLUME_SECONDS = 600.0  # a move gives up if the volume is not free by then
-# An on-demand instance we are leaving that still shows running after this long: the
-# pass that wrote the leave ahead died before its TerminateInstances; terminate again.
-LEFT_INSTANCE_TERMINATE_AGAIN_SECONDS = 120.0
+# An on-demand instance we asked to leave that still shows running this long after the
+# job's grace (its agent's stop, sync and shutdown overran, or it is not listening):
+# terminate it; the OS's shutdown still gives the agent its SIGTERM.
+LEAVE_DRAIN_SECONDS = 300.0
 
 
 # -- what we observe ---------------------------------------------------------------
@@ -167,10 +173,11 @@ class DeleteVolume:
 
 @dataclass(frozen=True)
 class LeaveOnDemand:
-    """Terminate the job's on-demand instance to go back to spot (written ahead: the
-    record says why the instance went before it goes)."""
+    """Ask the job's on-demand instance to drain and go, to go back to spot (written
+    ahead: the record says why the instance went before it is asked)."""
 
     instance_id: str
+    attempt: int
 
 
 Action = (
@@ -284,15 +291,20 @@ def _leave_on_demand(
     job = job.replace_attempt(current.model_copy(update={"left_at": now}))
     job = job.model_copy(update={"state": JobState.INTERRUPTED})
     job = job.with_event(now, "leaving-on-demand", f"{instance_id}: {reason}", current.number)
-    return Decision(job, (LeaveOnDemand(instance_id), *_terminate(terminate)))
+    leave = LeaveOnDemand(instance_id, current.number)
+    return Decision(job, (leave, *_terminate(terminate)))
 
 
 def _await_left_instance(job: Job, current: Attempt, now: float, terminate: list[str]) -> Decision:
-    """The instance we are leaving still shows running: wait for it to go, and end it
-    again only if the pass that decided to leave died before its TerminateInstances."""
+    """The instance we are leaving still shows running: ask it to go if the pass that
+    decided to leave died before asking, wait for its agent to drain it, and end it
+    once that has taken ``LEAVE_DRAIN_SECONDS`` past the job's grace."""
     assert current.left_at is not None and current.instance_id is not None
-    if now - current.left_at > LEFT_INSTANCE_TERMINATE_AGAIN_SECONDS:
+    if now - current.left_at > job.spec.checkpoint.grace_seconds + LEAVE_DRAIN_SECONDS:
         return Decision(job, _terminate(terminate, [current.instance_id]))
+    if current.leave_asked_at is None:
+        leave = LeaveOnDemand(current.instance_id, current.number)
+        return Decision(job, (leave, *_terminate(terminate)))
     return Decision(job, _terminate(terminate))
 
 
@@ -685,6 +697,13 @@ def apply_launch_failed(job: Job, number: int, errors: Sequence[str], now: float
 def apply_attached(job: Job, action: AttachVolume, now: float) -> Job:
     job = job.model_copy(update={"state": JobState.RUNNING})
     return job.with_event(now, "running", f"{action.volume_id} attached to {action.instance_id}")
+
+
+def apply_leave_asked(job: Job, action: LeaveOnDemand, now: float) -> Job:
+    attempt = job.attempt(action.attempt)
+    if attempt is None or attempt.leave_asked_at is not None:
+        return job
+    return job.replace_attempt(attempt.model_copy(update={"leave_asked_at": now}))
 
 
 # -- signals: what events and reports add to the record ------------------------------
@@ -1105,10 +1124,10 @@ class Reconciler:
             logger.info("terminated", extra={**log, "instance_ids": list(action.instance_ids)})
             return job
         if isinstance(action, LeaveOnDemand):
-            self.calls.append("ec2:TerminateInstances")
-            self.ec2.terminate([action.instance_id])
-            logger.info("leaving on-demand", extra={**log, "instance_id": action.instance_id})
-            return job
+            self.calls.append("ec2:CreateTags")
+            self.ec2.ask_to_leave(action.instance_id, iso(now) or "")
+            logger.info("asked to leave", extra={**log, "instance_id": action.instance_id})
+            return apply_leave_asked(job, action, now)
         self.calls.append("ec2:DeleteVolume")
         self.ec2.delete_volume(action.volume_id)
         return job

@@ -352,6 +352,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
                 "requested_at": iso(a.requested_at),
                 "running_at": iso(a.running_at),
                 "warned_at": iso(a.warned_at),
+                "left_at": iso(a.left_at),
                 "ended_at": iso(a.ended_at),
                 "end_reason": a.end_reason,
                 "cost_usd": round(a.cost(now), 4),

@@ -33,6 +33,7 @@ from typing import IO, Any
 LOG = logging.getLogger("agent")
 MARKER = ".spotctl/volume-id"  # the volume this filesystem was last mounted from
 ECR_HOST = re.compile(r"\d{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?")
+LEAVE_TAG = "spotctl:leave"
 
 
 @dataclass(frozen=True)
@@ -428,6 +429,9 @@ class Agent:
                 return self.interrupted(workload, notice)
             if code is not None:
                 return self.finish(workload, code)
+            leave = self.metadata.probe("tags/instance/" + LEAVE_TAG)
+            if leave is not None:
+                return self.interrupted(workload, f"asked to leave on-demand for spot ({leave})")
             rebalance = self.metadata.probe("events/recommendations/rebalance")
             if rebalance is not None and rebalance != rebalance_seen:
                 LOG.warning("rebalance recommendation: %s", rebalance)
@@ -452,7 +456,7 @@ class Agent:
         self.reporter.drain(5)
         self.reporter.report("interrupted", detail=detail)
         self.store.push_logs(self.settings.log_dir)
-        # Going now frees the volume for the replacement before the two minutes are up.
+        # Going now frees the volume for the replacement.
         return self.shutdown()
 
     def finish(self, workload: Workload, code: int) -> int:

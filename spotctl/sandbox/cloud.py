@@ -250,6 +250,9 @@ class LocalCloud:
     def rebalance_notice(self, instance_id: str) -> dict[str, str] | None:
         return self.ec2.rebalance_notice(instance_id)
 
+    def metadata_tags(self, instance_id: str) -> dict[str, str] | None:
+        return self.ec2.metadata_tags(instance_id)
+
     def _queue_notice(self, notice: LifecycleEvent) -> None:
         with self._notices_lock:
             self._notices.append(notice)

@@ -37,7 +37,11 @@ from spotctl.sandbox.events import (
     event_id,
 )
 from spotctl.sandbox.market import SpotMarket
-from spotctl.sandbox.moto_patch import known_instance_type, set_launch_time
+from spotctl.sandbox.moto_patch import (
+    instance_metadata_tags,
+    known_instance_type,
+    set_launch_time,
+)
 from spotctl.sandbox.proxy import (
     EC2_NAMESPACE,
     Ec2Error,
@@ -271,6 +275,15 @@ class SandboxEc2:
         if notice is None or not notice.rebalance:
             return None
         return {"noticeTime": iso(notice.noticed_at)}
+
+    def metadata_tags(self, instance_id: str) -> dict[str, str] | None:
+        """IMDS ``tags/instance`` for the instance: its tags now, as moto holds them (so a
+        CreateTags shows at once), or None (IMDS answers 404) unless it was launched with
+        ``InstanceMetadataTags`` enabled."""
+        info = self.instance(instance_id)
+        if info is None:
+            return None
+        return instance_metadata_tags(self.options.account, info.region, instance_id)
 
     def next_due(self) -> float:
         """The next sandbox time a timer of ours fires (inf if none)."""

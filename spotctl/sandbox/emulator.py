@@ -7,7 +7,8 @@ bash script ``chalicelib.userdata`` rendered) as a local process group, with:
   GETs of ``instance-id``, ``instance-type``, ``placement/availability-zone``,
   ``spot/instance-action`` and ``events/recommendations/rebalance`` (asked of
   ``LocalCloud`` at each request, so the notice appears when the market interrupts),
-  404 for the rest;
+  ``tags/instance`` and ``tags/instance/<key>`` (the instance's tags now, if it was
+  launched with ``InstanceMetadataTags`` enabled), 404 for the rest;
 - one directory per EBS volume, keyed by volume id, so the data follows the volume from
   instance to instance;
 - the programs the sandbox's "AMI" carries (``image_programs``: name -> argv), such as
@@ -126,6 +127,12 @@ class FakeImds:
         if path == "events/recommendations/rebalance":
             notice = cloud.rebalance_notice(self.instance_id)
             return json.dumps(notice) if notice is not None else None
+        if path == "tags/instance" or path.startswith("tags/instance/"):
+            tags = cloud.metadata_tags(self.instance_id)
+            if tags is None:
+                return None
+            key = path.removeprefix("tags/instance").strip("/")
+            return tags.get(key) if key else "\n".join(tags)
         static = {
             "instance-id": info.instance_id,
             "instance-type": info.instance_type,

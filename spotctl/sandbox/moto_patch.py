@@ -14,6 +14,10 @@ them. ``add_gpu_instance_types()`` adds them to moto's in-memory catalogue and o
 in every region moto knows and every AZ of it. It only adds entries, is idempotent, and
 leaves moto's switch ``MOTO_EC2_ENABLE_INSTANCE_TYPE_VALIDATION`` alone: the sandbox
 proxy validates instance types itself against this catalogue (see ``known_instance_type``).
+
+Two helpers reach into moto's in-process state: ``instance_metadata_tags`` reads an
+instance's tags as its IMDS serves them, ``set_launch_time`` puts its launch time on the
+sandbox clock.
 """
 
 from __future__ import annotations
@@ -249,6 +253,21 @@ def _patch_reservations() -> None:
         return moto_ec2_utils.filter_reservations(reservations, filters)
 
     backend_class.all_reservations = all_reservations  # type: ignore[method-assign]
+
+
+def instance_metadata_tags(account: str, region: str, instance_id: str) -> dict[str, str] | None:
+    """The instance's tags as moto holds them now, or None when moto has no such instance
+    or its metadata options (at launch, or changed since) keep tags out of IMDS."""
+    backend = moto_backends.get_backend("ec2")[account][region]
+    # A copy: a launch on another thread may add a reservation meanwhile.
+    for reservation in backend.reservations.copy().values():
+        for instance in reservation.instances:
+            if instance.id != instance_id:
+                continue
+            if instance.metadata_options.instance_metadata_tags != "enabled":
+                return None
+            return dict(backend.tags.get(instance_id) or {})  # get(): adds no entry
+    return None
 
 
 def set_launch_time(account: str, region: str, instance_id: str, at: float) -> None:

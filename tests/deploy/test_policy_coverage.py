@@ -36,6 +36,8 @@ import botocore.session
 import pytest
 from botocore import xform_name
 
+from chalicelib.ec2 import LEAVE_TAG
+
 ROOT = Path(__file__).resolve().parents[2]
 CHALICE_DIR = ROOT / ".chalice"
 STAGES = ("dev", "prod")
@@ -371,8 +373,17 @@ def test_instances_and_volumes_are_acted_on_only_when_tagged_by_spotctl(stage: s
             and s.get("Condition")
         ]
         assert created, f"{action} must require the spotctl:job-id tag on what it creates"
+    # Tags are written while creating, or, on a spotctl instance afterwards, only the
+    # one that asks it to leave (the agent reads it in the instance metadata).
     for statement in by_action["ec2:CreateTags"]:
-        assert "ec2:CreateAction" in statement["Condition"]["StringEquals"]
+        condition = statement["Condition"]
+        if "ec2:CreateAction" in condition.get("StringEquals", {}):
+            continue
+        assert statement["Resource"] == "arn:aws:ec2:*:*:instance/*"
+        assert condition == {
+            "Null": {"aws:ResourceTag/spotctl:job-id": "false"},
+            "ForAllValues:StringEquals": {"aws:TagKeys": [LEAVE_TAG]},
+        }
 
 
 def test_dev_and_prod_policies_differ_only_in_the_stage_name() -> None:

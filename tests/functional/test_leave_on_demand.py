@@ -2,8 +2,10 @@
 
 Through the API, EC2 events and the schedule sweep, against moto: spot capacity in the
 one pool is refused (another job's refusal, shared through the pool's fleet record,
-starts ours on-demand), then returns; the sweep, ahead of schedule, ends the
-on-demand instance and the job moves its volume onto a spot instance.
+starts ours on-demand), then returns; the sweep, ahead of schedule, asks the
+on-demand instance to go (the ``spotctl:leave`` tag its agent reads in the instance
+metadata), its agent reports and shuts it down, and the job moves its volume onto a
+spot instance. An instance whose agent does not go is terminated after the drain time.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
 from chalicelib import runtime
+from chalicelib.reconcile import LEAVE_DRAIN_SECONDS
 from tests.functional.conftest import Env
 from tests.functional.test_recovery_loop import attachment_of
 
@@ -37,14 +40,72 @@ def refuse_spot(capacity: dict[str, bool]) -> None:
     client.meta.events.register("before-call.ec2.RunInstances", handler)
 
 
-def state_of(env: Env, instance_id: str) -> str:
+def events_of(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e for e in job["events"] if e["kind"] == kind]
+
+
+def instance_of(env: Env, instance_id: str) -> dict[str, Any]:
     reservation = env.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
-    state: str = reservation["Instances"][0]["State"]["Name"]
+    instance: dict[str, Any] = reservation["Instances"][0]
+    return instance
+
+
+def state_of(env: Env, instance_id: str) -> str:
+    state: str = instance_of(env, instance_id)["State"]["Name"]
     return state
 
 
-def events_of(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
-    return [e for e in job["events"] if e["kind"] == kind]
+def leave_tag_of(env: Env, instance_id: str) -> str | None:
+    tags = {t["Key"]: t["Value"] for t in instance_of(env, instance_id).get("Tags", [])}
+    return tags.get("spotctl:leave")
+
+
+def on_demand_job_ahead_of_schedule(env: Env) -> tuple[str, str]:
+    """A deadline job started on-demand for want of spot (another job's refusal in the
+    pool's record), running; spot then returns and the sweep asks its instance to
+    leave. Returns the job's and the instance's ids."""
+    env.cloud.set_spot_prices({(TYPE, ZONE): 0.2})
+    capacity = {"spot": False}
+    refuse_spot(capacity)
+    assert env.submit(**ONE_POOL, name="other")["state"] == "WAITING"  # shares the refusal
+    env.clock.advance(60)
+    deadline = datetime.fromtimestamp(env.clock.now + 11 * HOUR, UTC).isoformat()
+    job = env.submit(**ONE_POOL, expected_hours=10, deadline=deadline)
+    od_instance = job["attempts"][0]["instance_id"]
+    assert job["attempts"][0]["market"] == "on-demand"
+    env.clock.advance(60)
+    env.cloud.state_change(od_instance, "running")
+    capacity["spot"] = True
+    env.clock.advance(300)
+    env.cloud.sweep()
+    assert events_of(env.job(job["job_id"]), "leaving-on-demand")
+    return job["job_id"], od_instance
+
+
+def test_an_instance_whose_agent_does_not_go_is_terminated_after_the_drain_time(
+    env: Env,
+) -> None:
+    job_id, od_instance = on_demand_job_ahead_of_schedule(env)
+    asked_at = env.clock.now
+    assert leave_tag_of(env, od_instance) is not None
+    grace = env.job(job_id)["spec"]["checkpoint"]["grace_seconds"]
+
+    # Its agent never goes: the sweeps wait out its grace and the drain time ...
+    env.clock.advance(grace + LEAVE_DRAIN_SECONDS - 30)
+    env.cloud.sweep()
+    assert state_of(env, od_instance) == "running"
+    assert len(env.job(job_id)["attempts"]) == 1
+
+    # ... then end it, and the job goes on on spot.
+    env.clock.advance(60)
+    assert env.clock.now - asked_at > grace + LEAVE_DRAIN_SECONDS
+    env.cloud.sweep()
+    assert state_of(env, od_instance) in ("shutting-down", "terminated")
+    env.cloud.state_change(od_instance, "terminated")
+    job = env.job(job_id)
+    assert [a["end_reason"] for a in job["attempts"]] == ["left-on-demand", None]
+    assert job["attempts"][1]["market"] == "spot"
+    env.cloud.assert_invariants(job_id)
 
 
 def test_a_job_forced_onto_on_demand_goes_back_to_spot_when_capacity_returns(env: Env) -> None:
@@ -84,12 +145,27 @@ def test_a_job_forced_onto_on_demand_goes_back_to_spot_when_capacity_returns(env
     (leaving,) = events_of(job, "leaving-on-demand")
     assert leaving["detail"] == f"{od_instance}: ahead of schedule: leave on-demand for spot"
     assert job["state"] == "INTERRUPTED"
-    assert state_of(env, od_instance) in ("shutting-down", "terminated")
+    assert job["attempts"][0]["left_at"] == leaving["at"]
     assert env.job(other["job_id"])["attempts"][-1]["market"] == "spot"
+    # Not terminated: asked to go, by a tag its agent can read in the instance metadata.
+    assert state_of(env, od_instance) == "running"
+    assert leave_tag_of(env, od_instance) == leaving["at"]
+    assert instance_of(env, od_instance)["MetadataOptions"]["InstanceMetadataTags"] == "enabled"
+    env.clock.advance(30)
+    env.cloud.sweep()  # the agent is draining: nothing is asked or ended twice
+    assert len(env.job(job_id)["attempts"]) == 1
+    assert state_of(env, od_instance) == "running"
 
-    # The terminated event (and any sweep) relaunches once, on spot, in the same pool.
+    # The agent stops the workload, syncs, reports and shuts the instance down (its
+    # shutdown behaviour is terminate); the terminated event relaunches once, on spot,
+    # in the same pool.
+    response = env.report(
+        job_id, {"attempt": 1, "kind": "interrupted", "detail": "asked to leave on-demand"}
+    )
+    assert response.status_code == 200, response.body
     env.clock.advance(30)
     od_ended_at = env.clock.now
+    env.cloud.reclaim(od_instance)
     env.cloud.state_change(od_instance, "terminated")
     env.cloud.sweep()
     job = env.job(job_id)

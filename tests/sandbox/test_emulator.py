@@ -115,6 +115,45 @@ def test_interruption_notice_appears_in_imds_and_termination_kills_every_process
     assert emulator.instances[instance_id].ended
 
 
+def test_imds_serves_tags_added_after_launch_only_when_the_launch_enabled_tags(
+    ec2: Any, cloud: LocalCloud, emulator: InstanceEmulator
+) -> None:
+    tagged = boot(
+        ec2,
+        cloud,
+        emulator,
+        spot=False,
+        MetadataOptions={"HttpTokens": "required", "InstanceMetadataTags": "enabled"},
+        TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": "spotctl:job-id", "Value": "job-1"}]}
+        ],
+    )
+    untagged = boot(ec2, cloud, emulator, spot=False)
+    described = ec2.describe_instances(InstanceIds=[tagged])["Reservations"][0]["Instances"][0]
+    assert described["MetadataOptions"]["InstanceMetadataTags"] == "enabled"  # moto kept it
+    leave = "/latest/meta-data/tags/instance/spotctl:leave"
+    token = token_for(emulator, tagged)
+    assert imds(emulator, tagged, "/latest/meta-data/tags/instance", token) == (
+        200,
+        "spotctl:job-id",
+    )
+    assert imds(emulator, tagged, leave, token)[0] == 404
+
+    for instance_id in (tagged, untagged):
+        ec2.create_tags(
+            Resources=[instance_id],
+            Tags=[{"Key": "spotctl:leave", "Value": "2026-11-28T12:00:00Z"}],
+        )
+    assert imds(emulator, tagged, leave, token) == (200, "2026-11-28T12:00:00Z")
+    keys = imds(emulator, tagged, "/latest/meta-data/tags/instance", token)[1]
+    assert sorted(keys.split("\n")) == ["spotctl:job-id", "spotctl:leave"]
+
+    # Launched without InstanceMetadataTags: the category is not there at all.
+    token = token_for(emulator, untagged)
+    assert imds(emulator, untagged, leave, token)[0] == 404
+    assert imds(emulator, untagged, "/latest/meta-data/tags/instance", token)[0] == 404
+
+
 def test_volume_is_a_device_only_while_attached_and_its_data_follows_it(
     ec2: Any, cloud: LocalCloud, emulator: InstanceEmulator
 ) -> None:

@@ -1,6 +1,7 @@
 """Leaving on-demand for spot, as ``decide`` rows: the sweep asks the policy about a job
-running on on-demand; ahead of schedule with spot usable it ends the instance, and the
-relaunch path takes over once EC2 shows it going."""
+running on on-demand; ahead of schedule with spot usable it asks the instance to drain
+and go (its agent checkpoints, syncs and shuts it down), and the relaunch path takes
+over once EC2 shows it going."""
 
 from __future__ import annotations
 
@@ -11,15 +12,16 @@ from typing import Any
 import pytest
 
 from chalicelib import metrics
-from chalicelib.models import Attempt, Candidate, Job, JobState
+from chalicelib.models import Attempt, Candidate, Job, JobState, iso
 from chalicelib.placement import CapacityObservation, Seen
 from chalicelib.reconcile import (
-    LEFT_INSTANCE_TERMINATE_AGAIN_SECONDS,
+    LEAVE_DRAIN_SECONDS,
     AttachVolume,
     Launch,
     LeaveOnDemand,
     Observed,
     Terminate,
+    apply_leave_asked,
     decide,
 )
 from chalicelib.service import job_view
@@ -165,7 +167,7 @@ def test_leave_on_demand(row: Row) -> None:
     assert decision.job.state == row.state
     if LeaveOnDemand in row.actions:
         (leave,) = decision.actions
-        assert leave == LeaveOnDemand("i-1")
+        assert leave == LeaveOnDemand("i-1", 1)
         (left,) = decision.job.attempts
         assert left.left_at == NOW and not left.ended
         event = decision.job.timeline[-1]
@@ -185,12 +187,20 @@ def left_job() -> Job:
     return leave.job
 
 
+def asked_job() -> Job:
+    """The leave written ahead, and the instance tagged to go."""
+    job = left_job()
+    (leave,) = decide(job, Observed(RUNNING, volume(), HOME_PRICES), NOW).actions
+    assert isinstance(leave, LeaveOnDemand)
+    return apply_leave_asked(job, leave, NOW)
+
+
 def test_the_next_sweep_while_the_instance_shuts_down_ends_the_attempt_and_plans_spot() -> None:
     later = NOW + 60
     observed = Observed(
         instances(**{"i-1": "shutting-down"}), volume(), HOME_PRICES, SPOT_FOR_HALF_AN_HOUR
     )
-    decision = decide(left_job(), observed, later, sweeping=True)
+    decision = decide(asked_job(), observed, later, sweeping=True)
     first, second = decision.job.attempts
     assert first.end_reason == "left-on-demand"
     assert first.ended_at == later
@@ -209,30 +219,47 @@ def replace_instances(observed: Observed, states: dict[str, str]) -> Observed:
     return Observed(instances(**states), observed.volume, observed.prices, observed.fleet)
 
 
-def test_an_instance_still_running_right_after_the_leave_is_not_terminated_twice() -> None:
-    job = left_job()
+def test_an_instance_asked_to_leave_is_given_its_grace_and_the_drain_time() -> None:
+    job = asked_job()
+    assert job.attempts[0].leave_asked_at == NOW
     observed = Observed(RUNNING, volume(), HOME_PRICES, SPOT_FOR_HALF_AN_HOUR)
-    decision = decide(job, observed, NOW + 30, sweeping=True)
-    assert decision.actions == ()
-    assert decision.job == job
+    drained_by = NOW + job.spec.checkpoint.grace_seconds + LEAVE_DRAIN_SECONDS
+    for now in (NOW + 30, drained_by - 1):
+        decision = decide(job, observed, now, sweeping=True)
+        assert decision.actions == ()  # not asked twice, not terminated
+        assert decision.job == job
 
 
-def test_an_instance_still_running_long_after_the_leave_is_terminated_again() -> None:
-    # The pass that wrote the leave ahead died before its TerminateInstances.
-    job = left_job()
+def test_a_leave_whose_pass_died_before_asking_asks_on_the_next_pass() -> None:
+    job = left_job()  # written ahead; the CreateTags never ran
     observed = Observed(RUNNING, volume(), HOME_PRICES, SPOT_FOR_HALF_AN_HOUR)
-    later = NOW + LEFT_INSTANCE_TERMINATE_AGAIN_SECONDS + 1
+    decision = decide(job, observed, NOW + 60, sweeping=True)
+    assert decision.actions == (LeaveOnDemand("i-1", 1),)
+    assert decision.job == job  # nothing new to write ahead
+    asked = apply_leave_asked(job, LeaveOnDemand("i-1", 1), NOW + 60)
+    assert asked.attempts[0].leave_asked_at == NOW + 60
+    assert apply_leave_asked(asked, LeaveOnDemand("i-1", 1), NOW + 120) == asked
+
+
+def test_an_instance_still_running_after_the_drain_time_is_terminated() -> None:
+    # Its agent did not go (not listening, or its sync overran): end it; the OS's
+    # shutdown still gives the agent its SIGTERM.
+    job = asked_job()
+    observed = Observed(RUNNING, volume(), HOME_PRICES, SPOT_FOR_HALF_AN_HOUR)
+    later = NOW + job.spec.checkpoint.grace_seconds + LEAVE_DRAIN_SECONDS + 1
     decision = decide(job, observed, later, sweeping=True)
     assert decision.actions == (Terminate(("i-1",)),)
     assert len(decision.job.attempts) == 1
 
 
 def test_leaving_on_demand_is_not_counted_as_an_interruption() -> None:
-    job = left_job()
+    job = asked_job()
     gone = Observed(instances(**{"i-1": "terminated"}), volume("available", None), HOME_PRICES)
     after = decide(job, gone, NOW + 60).job
     assert after.attempts[0].end_reason == "left-on-demand"
-    assert job_view(after, NOW + 60)["interruptions"] == 0
+    view = job_view(after, NOW + 60)
+    assert view["interruptions"] == 0
+    assert view["attempts"][0]["left_at"] == iso(NOW)
     names = [f.name for f in metrics.pass_metrics(job, after, NOW + 60)]
     assert "Interruptions" not in names
     assert "OnDemandHours" in names

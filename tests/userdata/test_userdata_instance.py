@@ -136,6 +136,7 @@ def test_every_metadata_call_carries_a_token_the_server_issued(box: Instance) ->
     paths = {r["path"] for r in gets}
     assert "/latest/meta-data/spot/instance-action" in paths
     assert "/latest/meta-data/events/recommendations/rebalance" in paths
+    assert "/latest/meta-data/tags/instance/spotctl:leave" in paths
 
 
 @pytest.mark.parametrize(
@@ -188,8 +189,11 @@ def test_on_xen_the_volume_is_the_attach_device(box: Instance) -> None:
     [
         # A spot interruption: the notice in instance metadata, two minutes ahead.
         ("notice", "terminate"),
-        # An on-demand instance spotctl leaves for spot: TerminateInstances shuts the OS
-        # down, which sends the agent SIGTERM; no metadata notice comes first.
+        # An on-demand instance spotctl leaves for spot: the spotctl:leave tag, which the
+        # instance sees in its metadata (tags/instance/spotctl:leave).
+        ("leave tag", "asked to leave on-demand for spot (2026-11-28T12:00:00Z)"),
+        # The OS shuts down (a TerminateInstances, such as spotctl's when an instance it
+        # asked to leave does not go): the agent gets SIGTERM; no metadata notice first.
         ("os", "agent got SIGTERM"),
     ],
 )
@@ -200,6 +204,8 @@ def test_told_to_stop_sigterm_then_sync_then_interrupted_report(
     wait_for((box.mount / "running").exists, what="workload start")
     if told_by == "notice":
         told_at = box.imds.interrupt()
+    elif told_by == "leave tag":
+        told_at = box.imds.ask_to_leave()
     else:
         told_at = time.time()
         proc.send_signal(signal.SIGTERM)

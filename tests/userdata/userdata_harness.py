@@ -50,6 +50,8 @@ class FakeIMDS:
     def __init__(self) -> None:
         self.instance_action: dict[str, str] | None = None
         self.rebalance: dict[str, str] | None = None
+        # The instance's tags, as IMDS shows them when its launch enabled InstanceMetadataTags.
+        self.tags: dict[str, str] = {}
         self.launch_index = "0"  # which instance of its RunInstances request this is
         self.tokens: set[str] = set()
         self.requests: list[dict[str, Any]] = []
@@ -87,8 +89,12 @@ class FakeIMDS:
                     documents["/latest/meta-data/events/recommendations/rebalance"] = json.dumps(
                         imds.rebalance
                     )
+                if imds.tags:
+                    documents["/latest/meta-data/tags/instance"] = "\n".join(imds.tags)
+                for key, value in imds.tags.items():
+                    documents[f"/latest/meta-data/tags/instance/{key}"] = value
                 body = documents.get(self.path)
-                self.answer(404 if body is None else 200, body or "Not Found")
+                self.answer(404 if body is None else 200, "Not Found" if body is None else body)
 
             def answer(self, status: int, body: str) -> None:
                 data = body.encode()
@@ -106,6 +112,11 @@ class FakeIMDS:
 
     def interrupt(self) -> float:
         self.instance_action = {"action": "terminate", "time": "2026-11-28T12:02:00Z"}
+        return time.time()
+
+    def ask_to_leave(self) -> float:
+        """What spotctl's CreateTags does to an on-demand instance it moves to spot."""
+        self.tags = {**self.tags, "spotctl:leave": "2026-11-28T12:00:00Z"}
         return time.time()
 
 
