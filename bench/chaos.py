@@ -22,8 +22,11 @@ wrong, all at once:
 Instances do not run the real agent (200 agents would not fit on 2 cores): an *agent
 double* per instance works one step per sandbox minute while the job's volume is
 attached, checkpoints to the volume every 30 steps and syncs to S3, checkpoints at once
-when IMDS shows a notice, reports ``exited`` through the API when the work is done and
-shuts its instance down. tests/e2e runs the real agent.
+when IMDS shows a notice, checkpoints and shuts its instance down when IMDS shows the
+``spotctl:leave`` tag (the control plane leaving on-demand), reports ``exited`` through
+the API when the work is done and shuts its instance down. An agent that misses a
+notice misses the tag too, and is terminated after the drain time. tests/e2e runs the
+real agent.
 
 Invariants are checked from EC2's side (lifecycle observers and a describe poll every
 sandbox minute), never from the control plane's records. Writes
@@ -50,6 +53,7 @@ from typing import Any
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 from botocore.retries import standard
 
+from chalicelib.ec2 import LEAVE_TAG
 from spotctl.sandbox.clock import FakeClock
 from spotctl.sandbox.cloud import FAKE_CREDENTIALS, LocalCloud
 from spotctl.sandbox.ec2 import Lifecycle, LifecycleEvent
@@ -372,7 +376,8 @@ class World:
             progress = self._progress(agent, now)
             self.max_step[agent.job_id] = max(self.max_step[agent.job_id], progress)
             notice = self.cloud.instance_action(agent.instance_id)
-            if notice is not None and agent.instance_id not in self.deaf:
+            deaf = agent.instance_id in self.deaf
+            if notice is not None and not deaf:
                 self._checkpoint(agent, progress)  # the SIGTERM checkpoint within the notice
                 agent.stopped = True
             elif progress >= self.total_steps:
@@ -382,6 +387,10 @@ class World:
                 _, attempt = self._job_of(agent.instance_id)
                 body = {"attempt": attempt, "kind": "exited", "exit_code": 0}
                 self.pending_reports.append((agent.job_id, attempt, body))
+                self.ec2.terminate_instances(InstanceIds=[agent.instance_id])  # shutdown
+            elif not deaf and LEAVE_TAG in (self.cloud.metadata_tags(agent.instance_id) or {}):
+                self._checkpoint(agent, progress)  # asked to leave: stop, checkpoint, go
+                agent.stopped = True
                 self.ec2.terminate_instances(InstanceIds=[agent.instance_id])  # shutdown
             else:
                 done = progress - agent.resume_step
@@ -450,8 +459,9 @@ class ChaosReport:
     agent_model: str = (
         "agent double (not the real user-data agent): one step per sandbox minute while "
         "its volume is attached, checkpoint + S3 sync every checkpoint_steps, checkpoint on "
-        "IMDS notice (misses it as often as a warning is dropped), reports exited via "
-        "the API and shuts down"
+        "IMDS notice (misses it as often as a warning is dropped), checkpoints and shuts "
+        "down on the IMDS leave tag (unless it missed notices), reports exited via the "
+        "API and shuts down"
     )
 
     @property
