@@ -19,6 +19,7 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from chalicelib import runtime
 from chalicelib.reconcile import LEAVE_DRAIN_SECONDS
 from tests.functional.conftest import Env
+from tests.functional.test_faults import LambdaCrash
 from tests.functional.test_recovery_loop import attachment_of
 
 HOUR = 3600.0
@@ -62,8 +63,8 @@ def leave_tag_of(env: Env, instance_id: str) -> str | None:
 
 def on_demand_job_ahead_of_schedule(env: Env) -> tuple[str, str]:
     """A deadline job started on-demand for want of spot (another job's refusal in the
-    pool's record), running; spot then returns and the sweep asks its instance to
-    leave. Returns the job's and the instance's ids."""
+    pool's record), running; spot then returns, so the next sweep leaves on-demand.
+    Returns the job's and the instance's ids."""
     env.cloud.set_spot_prices({(TYPE, ZONE): 0.2})
     capacity = {"spot": False}
     refuse_spot(capacity)
@@ -77,15 +78,42 @@ def on_demand_job_ahead_of_schedule(env: Env) -> tuple[str, str]:
     env.cloud.state_change(od_instance, "running")
     capacity["spot"] = True
     env.clock.advance(300)
-    env.cloud.sweep()
-    assert events_of(env.job(job["job_id"]), "leaving-on-demand")
     return job["job_id"], od_instance
+
+
+def test_a_sweep_killed_before_asking_the_instance_to_leave_is_followed_by_one_that_asks(
+    env: Env,
+) -> None:
+    job_id, od_instance = on_demand_job_ahead_of_schedule(env)
+    crashed: list[str] = []
+
+    def crash(event_name: str, **_: Any) -> None:
+        if not crashed:
+            crashed.append(event_name)
+            raise LambdaCrash(event_name)
+
+    ec2 = runtime.control_plane().reconciler.ec2._client
+    ec2.meta.events.register("before-call.ec2.CreateTags", crash)
+    with pytest.raises(LambdaCrash):
+        env.cloud.sweep()
+    assert crashed
+    # The leave was written ahead; the instance was never asked.
+    job = env.job(job_id)
+    assert job["attempts"][0]["left_at"] is not None
+    assert leave_tag_of(env, od_instance) is None
+
+    env.clock.advance(60)
+    env.cloud.sweep()
+    assert leave_tag_of(env, od_instance) is not None
+    assert state_of(env, od_instance) == "running"  # asked, not terminated
+    assert len(events_of(env.job(job_id), "leaving-on-demand")) == 1
 
 
 def test_an_instance_whose_agent_does_not_go_is_terminated_after_the_drain_time(
     env: Env,
 ) -> None:
     job_id, od_instance = on_demand_job_ahead_of_schedule(env)
+    env.cloud.sweep()
     asked_at = env.clock.now
     assert leave_tag_of(env, od_instance) is not None
     grace = env.job(job_id)["spec"]["checkpoint"]["grace_seconds"]
