@@ -11,18 +11,21 @@ A batch (chalicelib.batch: one RunInstances, MinCount=1, MaxCount=N) gives every
 instance the same user data, so it carries the ordered member table: entry i is the job
 of the instance whose ``ami-launch-index`` is i. bootstrap.sh reads that index from
 IMDS and keeps only its entry (``agent.py pick-member``). The table is compressed: the
-scripts take ~10.9 KB of the 16 KB, and a member adds ~0.1-0.5 KB (its secret, ids and
-prefix barely compress; what members share does), so a request holds a few dozen
-members at most; :func:`members_that_fit` says how many.
+template and the scripts take ~13.1 KB of the 16 KB (the agent ships without its
+comments: :func:`shipped`), and a member adds ~0.1-0.5 KB (its secret, ids and prefix
+barely compress; what members share does), so a request holds a few dozen members at
+most; :func:`members_that_fit` says how many.
 """
 
 from __future__ import annotations
 
 import base64
 import bz2
+import io
 import json
 import re
 import signal
+import tokenize
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -56,6 +59,21 @@ class AgentParams:
     sync_interval_seconds: int = 1800
 
 
+def shipped(name: str, text: str) -> str:
+    """The file as the instance gets it: a Python file without its comments (16 KB is
+    tight), line for line, so that a traceback's line numbers are the repository's.
+    Docstrings stay; the shebang too."""
+    if not name.endswith(".py"):
+        return text
+    lines = text.splitlines(keepends=True)
+    for token in tokenize.generate_tokens(io.StringIO(text).readline):
+        row, column = token.start
+        if token.type == tokenize.COMMENT and not (row == 1 and token.string.startswith("#!")):
+            kept = lines[row - 1][:column].rstrip()
+            lines[row - 1] = kept + "\n"
+    return "".join(lines)
+
+
 @cache
 def _template() -> tuple[str, str]:
     """The user data template and the encoded bundle; both depend on the files only."""
@@ -63,7 +81,10 @@ def _template() -> tuple[str, str]:
     for slot in (_PARAMS_SLOT, _MEMBERS_SLOT, _BUNDLE_SLOT):
         if template.splitlines().count(slot) != 1:
             raise RuntimeError(f"cloud-init.sh must hold the line {slot!r} exactly once")
-    files = {name: (FILES_DIR / name).read_text(encoding="utf-8") for name in BUNDLED_FILES}
+    files = {
+        name: shipped(name, (FILES_DIR / name).read_text(encoding="utf-8"))
+        for name in BUNDLED_FILES
+    }
     bundle = bz2.compress(json.dumps(files).encode("utf-8"), 9)
     return template, base64.b85encode(bundle).decode("ascii")
 

@@ -6,11 +6,13 @@ import ast
 import base64
 import bz2
 import importlib.util
+import io
 import json
 import re
 import secrets
 import subprocess
 import sys
+import tokenize
 import zlib
 from pathlib import Path
 from types import ModuleType
@@ -25,6 +27,7 @@ from chalicelib.userdata import (
     params_document,
     render_batch_user_data,
     render_user_data,
+    shipped,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -141,7 +144,8 @@ def test_parameters_and_files_round_trip_through_the_shell_slots() -> None:
     assert doc == params_document(hostile)
     files = json.loads(bz2.decompress(base64.b85decode(slot(text, "SPOTCTL_BUNDLE_B85"))))
     for name in ("bootstrap.sh", "agent.py"):
-        assert files[name] == (REPO / "user_data" / name).read_text()
+        assert files[name] == shipped(name, (REPO / "user_data" / name).read_text())
+    assert files["bootstrap.sh"] == (REPO / "user_data" / "bootstrap.sh").read_text()
     # The agent reads exactly what was rendered.
     agent = load_agent()
     path = Path(__file__).parent / "params.tmp.json"
@@ -152,6 +156,21 @@ def test_parameters_and_files_round_trip_through_the_shell_slots() -> None:
         path.unlink()
     assert params.command == hostile.command
     assert params.secret == hostile.secret
+
+
+def test_the_shipped_agent_is_the_repositorys_without_comments_line_for_line() -> None:
+    original = (REPO / "user_data/agent.py").read_text()
+    sent = shipped("agent.py", original)
+    assert len(sent) < len(original) - 500  # what the 16 KB gains
+    assert ast.dump(ast.parse(sent)) == ast.dump(ast.parse(original))  # the same program
+    assert sent.count("\n") == original.count("\n")  # tracebacks keep their line numbers
+    assert sent.splitlines()[0] == "#!/usr/bin/env python3"
+    comments = [
+        t.string
+        for t in tokenize.generate_tokens(io.StringIO(sent).readline)
+        if t.type == tokenize.COMMENT
+    ]
+    assert comments == ["#!/usr/bin/env python3"]
 
 
 def test_the_instance_side_parses_as_python_3_9() -> None:
