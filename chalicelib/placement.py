@@ -29,6 +29,7 @@ reconciler move the volume there (snapshot and restore) before it launches.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -51,6 +52,11 @@ from chalicelib.pricing import ON_DEMAND_USD_PER_HOUR
 RESTART_OVERHEAD_HOURS = 0.1
 # A pool that refused capacity this recently is believed to have none.
 CAPACITY_MEMORY_SECONDS = 240.0
+# Leaving on-demand tries spot, which EC2 may refuse: each refusal of the job's in a
+# pool since it last ran spot there doubles how long that pool's refusal bars another
+# try (from CAPACITY_MEMORY_SECONDS), up to this. Without it a long outage would bounce
+# the job between on-demand and refused spot every few minutes, two restarts a time.
+LEAVE_BACKOFF_MAX_SECONDS = 3600.0
 # After a failed move (snapshot or restore), stay in the volume's zone this long.
 MOVE_RETRY_AFTER_SECONDS = 3600.0
 _HOUR = 3600.0
@@ -591,7 +597,35 @@ def leave_on_demand(
     )
     view = placement_view(job, prices, now, movable=False, fleet=fleet, current=run)
     choice = policy.decide_placement(view, now)
-    return choice.reason if isinstance(choice, policy.Spot) else None
+    if not isinstance(choice, policy.Spot):
+        return None
+    pool = Pool(instance_type=choice.pool.instance_type, az=choice.pool.az)
+    if now < leave_backoff_until(job, pool):
+        return None
+    return choice.reason
+
+
+def leave_backoff_until(job: Job, pool: Pool) -> float:
+    """When the job may next leave on-demand for spot in ``pool``: its k-th refusal
+    there since it last ran spot there bars the pool for CAPACITY_MEMORY_SECONDS x
+    2^(k-1), at most LEAVE_BACKOFF_MAX_SECONDS (0: no bar)."""
+    ran_spot = max(
+        (
+            a.running_at
+            for a in job.attempts
+            if a.market == "spot" and a.pool == pool and a.running_at is not None
+        ),
+        default=-math.inf,
+    )
+    refused = [
+        e.at
+        for e in job.timeline
+        if e.kind == "launch-refused" and e.detail.startswith(f"{pool}:") and e.at > ran_spot
+    ]
+    if not refused:
+        return 0.0
+    bar = min(CAPACITY_MEMORY_SECONDS * 2.0 ** (len(refused) - 1), LEAVE_BACKOFF_MAX_SECONDS)
+    return max(refused) + bar
 
 
 def plan(

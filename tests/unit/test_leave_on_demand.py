@@ -70,6 +70,28 @@ def on_demand_job(
 RUNNING = instances(**{"i-1": "running"})
 
 
+def refused_at(*times: float, spot_ran_at: float | None = None) -> Job:
+    """On-demand (attempt 3) after spot refusals in the pool at ``times``; with
+    ``spot_ran_at``, a spot run there (attempt 2) began then, after all of them."""
+    earlier = attempt(1, "i-0", market="spot", running_at=NOW - 10 * HOUR)
+    spot_run = attempt(2, "i-2", market="spot", running_at=spot_ran_at or NOW - 10 * HOUR)
+    ended = {"ended_at": NOW - 3000, "end_reason": "interrupted"}
+    current = on_demand().model_copy(update={"number": 3})
+    job = on_demand_job(current=current)
+    job = job.model_copy(
+        update={
+            "attempts": (
+                earlier.model_copy(update=ended),
+                spot_run.model_copy(update=ended),
+                current,
+            )
+        }
+    )
+    for at in times:
+        job = job.with_event(at, "launch-refused", f"{POOL}: InsufficientInstanceCapacity", 3)
+    return job
+
+
 @dataclass
 class Row:
     name: str
@@ -117,6 +139,45 @@ ROWS = [
             NOW - 60, "launch-refused", f"{POOL}: InsufficientInstanceCapacity: none", 1
         ),
         Observed(RUNNING, volume(), HOME_PRICES),
+    ),
+    Row(
+        "one refusal in the pool, five minutes ago, no longer holds the job",
+        refused_at(NOW - 300),
+        Observed(RUNNING, volume(), HOME_PRICES),
+        [LeaveOnDemand],
+        JobState.INTERRUPTED,
+    ),
+    Row(
+        # Left twice into refused spot: the third refusal bars the pool for 16 min.
+        "a third refusal since spot last ran in the pool keeps on-demand for 16 min",
+        refused_at(NOW - 3 * HOUR, NOW - 2 * HOUR, NOW - 15 * 60),
+        Observed(RUNNING, volume(), HOME_PRICES),
+    ),
+    Row(
+        "a third refusal 17 min ago no longer holds the job",
+        refused_at(NOW - 3 * HOUR, NOW - 2 * HOUR, NOW - 17 * 60),
+        Observed(RUNNING, volume(), HOME_PRICES),
+        [LeaveOnDemand],
+        JobState.INTERRUPTED,
+    ),
+    Row(
+        "the bar is at most an hour",
+        refused_at(*(NOW - (9 - k) * HOUR for k in range(8)), NOW - 61 * 60),
+        Observed(RUNNING, volume(), HOME_PRICES),
+        [LeaveOnDemand],
+        JobState.INTERRUPTED,
+    ),
+    Row(
+        "refusals from before the job last ran spot in the pool do not count",
+        refused_at(
+            NOW - 3 * HOUR,
+            NOW - 2 * HOUR,
+            NOW - 15 * 60,
+            spot_ran_at=NOW - 10 * 60,
+        ),
+        Observed(RUNNING, volume(), HOME_PRICES),
+        [LeaveOnDemand],
+        JobState.INTERRUPTED,
     ),
     Row(
         "spot back for five minutes only keeps on-demand",
@@ -167,9 +228,11 @@ def test_leave_on_demand(row: Row) -> None:
     assert decision.job.state == row.state
     if LeaveOnDemand in row.actions:
         (leave,) = decision.actions
-        assert leave == LeaveOnDemand("i-1", 1)
-        (left,) = decision.job.attempts
+        left = decision.job.current
+        assert left is not None and left.number == len(row.job.attempts)
+        assert leave == LeaveOnDemand("i-1", left.number)
         assert left.left_at == NOW and not left.ended
+        assert decision.job.attempts[:-1] == row.job.attempts[:-1]
         event = decision.job.timeline[-1]
         assert event.kind == "leaving-on-demand"
         assert event.detail == "i-1: ahead of schedule: leave on-demand for spot"
