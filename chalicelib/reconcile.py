@@ -82,6 +82,10 @@ from chalicelib.models import (
 from chalicelib.store import JobStore
 
 RETRY_LAUNCH_AFTER_SECONDS = 300.0  # WAITING: how long before the sweep tries again
+# A job with a deadline whose launch EC2 refused plans again at the next sweep, while
+# the refusal is remembered (placement.CAPACITY_MEMORY_SECONDS): the policy then weighs
+# waiting against on-demand knowing spot is out, as the simulator's policy does.
+REPLAN_AFTER_REFUSAL_SECONDS = 60.0
 WARNED_INSTANCE_GRACE_SECONDS = 300.0  # a warned instance still alive after this is ours to end
 # Every launch is recorded (or adopted, or ended by the pass that made it) within one
 # invocation; a spotctl instance no record names after this long never will be.
@@ -507,7 +511,11 @@ def _next_attempt(
         job = job.with_event(now, "moving-volume", move.reason)
         return _move_volume(job, move, observed, now, terminate)
     if not plan.candidates:
-        until = plan.wait_until if plan.wait_until is not None else now + RETRY_LAUNCH_AFTER_SECONDS
+        # The policy's wait is "decide again by then at the latest": spot's return is
+        # learnt only by trying (or from another job's record), so try again sooner.
+        until = now + RETRY_LAUNCH_AFTER_SECONDS
+        if plan.wait_until is not None:
+            until = min(until, plan.wait_until)
         job = job.model_copy(update={"state": JobState.WAITING, "wait_until": until})
         job = job.with_event(now, "waiting", plan.reason)
         return Decision(job, _terminate(terminate))
@@ -688,9 +696,9 @@ def apply_launch_failed(job: Job, number: int, errors: Sequence[str], now: float
     attempt = job.attempt(number)
     assert attempt is not None
     job = _end_attempt(job, attempt, ENDED_LAUNCH_FAILED, now)
-    job = job.model_copy(
-        update={"state": JobState.WAITING, "wait_until": now + RETRY_LAUNCH_AFTER_SECONDS}
-    )
+    scheduled = job.spec.deadline is not None and job.spec.expected_hours is not None
+    retry = REPLAN_AFTER_REFUSAL_SECONDS if scheduled else RETRY_LAUNCH_AFTER_SECONDS
+    job = job.model_copy(update={"state": JobState.WAITING, "wait_until": now + retry})
     return job.with_event(now, "waiting", "; ".join(errors), number)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -131,6 +132,62 @@ def test_insufficient_capacity_in_every_pool_waits_then_launches_when_it_returns
     assert job["state"] == "PROVISIONING"
     assert [a["end_reason"] for a in job["attempts"]] == ["launch-failed", None]
     assert len(env.cloud.live_instances(job["job_id"])) == 1
+
+
+def spot_only(params: dict[str, Any]) -> bool:
+    return bool(params["body"].get("InstanceMarketOptions.MarketType") == "spot")
+
+
+def deadline_in(env: Env, hours: float) -> str:
+    return datetime.fromtimestamp(env.clock.now + hours * HOUR, UTC).isoformat()
+
+
+def test_a_deadline_job_refused_spot_plans_again_at_the_next_sweep_knowing_it(
+    env: Env,
+) -> None:
+    # 1 h of slack for 10 h of work: no room to wait out an outage. Refused spot, the
+    # job must not idle for the retry interval (the policy, knowing spot is out, takes
+    # on-demand), nor try spot again blind.
+    env.cloud.set_spot_prices(PRICES)
+    refused = refuse("RunInstances", "InsufficientInstanceCapacity", when=spot_only)
+    job = env.submit(expected_hours=10, deadline=deadline_in(env, 11))
+    assert job["state"] == "WAITING", job["events"]
+    assert refused
+    tries = len(refused)
+
+    env.clock.advance(60)
+    env.cloud.sweep()
+    job = env.job(job["job_id"])
+    assert len(refused) == tries, "spot not tried again while its refusal is remembered"
+    assert job["state"] == "PROVISIONING", job["events"]
+    assert [a["market"] for a in job["attempts"]] == [None, "on-demand"]
+    assert len(env.cloud.live_instances(job["job_id"])) == 1
+
+
+def test_a_deadline_job_waiting_for_spot_tries_again_within_five_minutes(env: Env) -> None:
+    # 20 h of slack: the policy waits for spot, long. Spot's return is learnt only by
+    # trying, so the job tries again within the retry interval, not at the wait's end.
+    env.cloud.set_spot_prices(PRICES)
+    refused = refuse("RunInstances", "InsufficientInstanceCapacity", when=spot_only)
+    job_id = env.submit(expected_hours=10, deadline=deadline_in(env, 30))["job_id"]
+    env.clock.advance(60)
+    env.cloud.sweep()
+    job = env.job(job_id)
+    assert job["state"] == "WAITING", job["events"]
+    assert events_of(job, "waiting")[-1]["detail"] == "no spot now; slack allows waiting for it"
+    waiting_until = datetime.fromisoformat(job["wait_until"]).timestamp()
+    assert waiting_until <= env.clock.now + 300
+
+    refused.stop()  # spot is back
+    env.clock.advance(300)
+    env.cloud.sweep()
+    job = env.job(job_id)
+    assert job["state"] == "PROVISIONING", job["events"]
+    assert job["attempts"][-1]["market"] == "spot"
+
+
+def events_of(job: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [e for e in job["events"] if e["kind"] == kind]
 
 
 def test_spot_price_above_the_cap_waits_without_launching_then_launches_under_it(
