@@ -48,6 +48,24 @@ def wait_for(sandbox: Sandbox, job_id: str, states: tuple[str, ...], seconds: fl
     return job
 
 
+def run_to_the_end(sandbox: Sandbox, job_id: str) -> tuple[Any, Any, list[str]]:
+    """Wait for the job to end: its view, its ``final.json`` in S3, and the state of
+    every instance EC2 knows."""
+    job = wait_for(sandbox, job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), 75)
+    key = f"jobs/{job_id}/checkpoints/final.json"
+    s3 = sandbox.client("s3")
+    final = json.loads(s3.get_object(Bucket="spotctl-sandbox", Key=key)["Body"].read())
+    reservations = sandbox.client("ec2").describe_instances()["Reservations"]
+    states = [i["State"]["Name"] for r in reservations for i in r["Instances"]]
+    return job, final, states
+
+
+def assert_nothing_left(sandbox: Sandbox, ports: list[int], states: list[str]) -> None:
+    assert set(states) <= {"terminated", "shutting-down"}, states
+    assert sandbox.emulator.live_processes() == []
+    assert not any(port_open(port) for port in ports)
+
+
 def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reordered_events(
     tmp_path: Path,
 ) -> None:
@@ -73,20 +91,7 @@ def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reord
     with sandbox:
         ports = sandbox.ports()
         job = call(sandbox.api_url, "POST", "/jobs", spec, token=sandbox.api_token)
-        job = wait_for(sandbox, job["job_id"], ("SUCCEEDED", "FAILED", "CANCELLED"), 75)
-        final = json.loads(
-            sandbox.client("s3")
-            .get_object(
-                Bucket="spotctl-sandbox", Key=f"jobs/{job['job_id']}/checkpoints/final.json"
-            )["Body"]
-            .read()
-        )
-        ec2 = sandbox.client("ec2")
-        states = [
-            i["State"]["Name"]
-            for r in ec2.describe_instances()["Reservations"]
-            for i in r["Instances"]
-        ]
+        job, final, states = run_to_the_end(sandbox, job["job_id"])
         delivered_twice = len(sandbox.bus.delivered) - len(
             {(name, event["id"]) for name, event in sandbox.bus.delivered}
         )
@@ -95,9 +100,7 @@ def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reord
     assert len(interruptions(job)) >= 1, "the trace took the first instance away"
     assert final["weights_sha256"] == expected
     assert delivered_twice > 0, "the bus duplicated some events"
-    assert set(states) <= {"terminated", "shutting-down"}, states
-    assert sandbox.emulator.live_processes() == []
-    assert not any(port_open(port) for port in ports)
+    assert_nothing_left(sandbox, ports, states)
 
 
 @pytest.fixture(autouse=True)

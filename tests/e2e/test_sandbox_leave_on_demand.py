@@ -23,7 +23,13 @@ import pytest
 
 from spotctl.cli import call
 from spotctl.sandbox.sandbox import Sandbox
-from tests.e2e.test_sandbox_e2e import SPEED, TRAIN_ARGS, port_open, reference_weights, wait_for
+from tests.e2e.test_sandbox_e2e import (
+    SPEED,
+    TRAIN_ARGS,
+    assert_nothing_left,
+    reference_weights,
+    run_to_the_end,
+)
 from tests.sandbox.conftest import write_trace
 
 HOUR = 3600.0
@@ -84,20 +90,7 @@ def test_deadline_job_started_on_demand_for_want_of_spot_leaves_it_for_spot_when
         assert job["attempts"][0]["market"] == "on-demand", json.dumps(job["events"], indent=1)
         call(sandbox.api_url, "DELETE", f"/jobs/{scout['job_id']}", token=sandbox.api_token)
 
-        job = wait_for(sandbox, job["job_id"], ("SUCCEEDED", "FAILED", "CANCELLED"), 75)
-        final = json.loads(
-            sandbox.client("s3")
-            .get_object(
-                Bucket="spotctl-sandbox", Key=f"jobs/{job['job_id']}/checkpoints/final.json"
-            )["Body"]
-            .read()
-        )
-        ec2 = sandbox.client("ec2")
-        states = [
-            i["State"]["Name"]
-            for r in ec2.describe_instances()["Reservations"]
-            for i in r["Instances"]
-        ]
+        job, final, states = run_to_the_end(sandbox, job["job_id"])
     elapsed = time.monotonic() - started
     print(f"wall time {elapsed:.1f} s")  # CI runs it on two cores: keep it well under 90 s
 
@@ -134,9 +127,7 @@ def test_deadline_job_started_on_demand_for_want_of_spot_leaves_it_for_spot_when
     assert f"resumed from step {stopped[1]}" in logs[1], logs[1]
     assert events_of(job, "agent-started")[-1]["detail"].endswith("reused"), timeline
     assert final["weights_sha256"] == expected
-    assert set(states) <= {"terminated", "shutting-down"}, states
-    assert sandbox.emulator.live_processes() == []
-    assert not any(port_open(port) for port in ports)
+    assert_nothing_left(sandbox, ports, states)
 
 
 @pytest.fixture(autouse=True)
