@@ -4,10 +4,10 @@ agent reads the tag in the emulated IMDS, checkpoints the trainer, syncs and shu
 instance down, and the job resumes on spot in the same zone on the same volume,
 ending SUCCEEDED with the weights of an uninterrupted run; nothing left behind.
 
-Why a second job: a job refused spot waits ``RETRY_LAUNCH_AFTER_SECONDS`` (300 s),
-longer than a refusal is remembered (``CAPACITY_MEMORY_SECONDS``, 240 s), so its own
-refusal never makes it choose on-demand while it still has the slack to leave it
-later. Another job's refusal, shared through the pool's fleet record, does.
+Why a second job: another job's refusal, shared through the pool's fleet record, makes
+the first plan of ours on-demand straight away, with no refused spot attempt of its
+own first; and the leave then hangs on that refusal being forgotten
+(``CAPACITY_MEMORY_SECONDS``, 240 s), which the timing below places after spot is back.
 """
 
 from __future__ import annotations
