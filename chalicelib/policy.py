@@ -39,9 +39,11 @@ every hour spent waiting spends an hour of it, running spends none. The policy
   without progress, and slack a later outage buys back on on-demand), a move out of
   the home AZ (or, with no zone's share of spot known, any move for want of spot at
   home) pays for the way back too and counts only the spot it buys until home has
-  spot again (by the home's outage record), a move while home has spot saves only
-  the difference in spot prices, and slack taken from below the
-  reserve costs the on-demand hours needed to earn it back at the reserve's rate;
+  spot again (by the home's outage record, in which spot that comes and goes too
+  fast to leave on-demand for is part of the outage: such spot at home is no spot
+  yet), a move while home has spot saves only the difference in spot prices, and
+  slack taken from below the reserve costs the on-demand hours needed to earn it
+  back at the reserve's rate;
 - starts the job in its home: the AZ spot has been in most by the recent record,
   even when it has no spot this minute; before paying for a move it waits,
   ski-rental style, as long as the move would cost for spot to come back where the
@@ -294,12 +296,64 @@ def expected_spot_hours(
 
 
 def expected_outage_hours(
-    quote: PoolQuote, now: float, since: float | None, tuning: Tuning = DEFAULT_TUNING
+    quote: PoolQuote,
+    now: float,
+    since: float | None,
+    tuning: Tuning = DEFAULT_TUNING,
+    useful_spell_hours: float = 0.0,
 ) -> float:
-    """Hours an outage of spot capacity in a pool is expected to go on, as above."""
+    """Hours an outage of spot capacity in a pool is expected to go on, as above.
+
+    Spells shorter than ``useful_spell_hours`` are counted as part of the outage
+    around them, in the record and in the current outage's age: capacity that comes
+    and goes before a job could use it does not end an outage for the job.
+    """
     down_share = 0.0 if quote.recent_availability is None else 1.0 - quote.recent_availability
     mean = down_share / interruption_rate(quote, now, since, tuning)
-    return _remainder(quote.outage_hours, _age(quote, now), mean, tuning)
+    age, record = _outages_through_short_spells(quote, now, useful_spell_hours)
+    return _remainder(record, age, mean, tuning)
+
+
+def _outages_through_short_spells(
+    quote: PoolQuote, now: float, useful_spell_hours: float
+) -> tuple[float, tuple[float, ...]]:
+    """The current outage's age and the outage record, short spells merged into outages.
+
+    The record alternates: the current state (for ``_age(quote, now)`` hours), and
+    before it, newest first, a spell then an outage if spot is out now, or an outage
+    then a spell if it is up. A spell shorter than ``useful_spell_hours`` joins the
+    outages on either side; so does the current spell while it is that young. Where
+    one record runs out before the other, the older outages are kept unmerged.
+    """
+    age = _age(quote, now)
+    if useful_spell_hours <= 0.0 or quote.capacity_changed_at is None:
+        return age, quote.outage_hours
+    spells, outages = quote.spell_hours, quote.outage_hours
+    up_now = quote.spot_available and quote.spot_price is not None
+    newest_first: list[tuple[bool, float]] = [(up_now, age)]
+    s, o = len(spells), len(outages)
+    spell_next = not up_now
+    while (s if spell_next else o) > 0:
+        if spell_next:
+            s -= 1
+            newest_first.append((True, spells[s]))
+        else:
+            o -= 1
+            newest_first.append((False, outages[o]))
+        spell_next = not spell_next
+    # Outages older than the spell record reaches are kept as they are.
+    merged: list[float] = list(outages[:o])
+    outage: float | None = None
+    for is_spell, hours in reversed(newest_first):
+        if is_spell and hours >= useful_spell_hours:
+            if outage is not None:
+                merged.append(outage)
+            outage = None
+        else:
+            outage = (outage or 0.0) + hours
+    if outage is None:  # a useful spell is running: no outage now
+        return 0.0, tuple(merged)
+    return outage, tuple(merged)
 
 
 def _age(quote: PoolQuote, now: float) -> float:
@@ -580,7 +634,14 @@ def _move_pays(
         hours = min(hours, remaining)
     trips = 1.0
     home = next((q for q in view.pools if q.pool.az == view.volume_az), None)
-    home_has_spot = home is not None and _usable_spot(home, view.price_cap)
+    # Spot at home younger than on-demand would be left for is no spot yet: it is as
+    # likely as not to flicker out, and a home that flickers is a home in an outage.
+    useful = tuning.leave_on_demand_min_age_restarts * view.restart_overhead_hours
+    home_has_spot = (
+        home is not None
+        and _usable_spot(home, view.price_cap)
+        and (home.capacity_changed_at is None or _age(home, now) >= useful)
+    )
     if home is not None and (
         (
             home.recent_availability is not None
@@ -597,7 +658,8 @@ def _move_pays(
         trips = tuning.excursion_trips
         if not home_has_spot:
             # An excursion buys spot only until home has it again.
-            hours = min(hours, expected_outage_hours(home, now, view.history_since, tuning))
+            outage = expected_outage_hours(home, now, view.history_since, tuning, useful)
+            hours = min(hours, outage)
     if home_has_spot and home is not None and home.spot_price is not None:
         # Home has spot too: the move saves only the difference in spot prices.
         premium = min(premium, home.spot_price - spot)

@@ -17,6 +17,7 @@ from chalicelib.policy import (
     Spot,
     Wait,
     decide_placement,
+    expected_outage_hours,
     expected_spot_hours,
     interruption_rate,
     max_price_for,
@@ -622,3 +623,80 @@ def test_a_move_behind_the_reserve_pays_for_the_slack_on_demand_earns_back() -> 
     placement = decide_placement(ahead, NOW)
     assert isinstance(placement, Spot)
     assert placement.pool == B
+
+
+def flickering_home(spot_age_hours: float) -> PoolQuote:
+    """Home, spot back ``spot_age_hours`` ago after a 4 h outage broken by flickers.
+
+    Oldest first: a 12 h spell, a 4 h outage, then three 0.15 h spells with 0.3 h
+    outages between them, then the current spell.
+    """
+    return quote(
+        A,
+        capacity_changed_at=NOW - spot_age_hours * H,
+        recent_availability=0.9,
+        spell_hours=(12.0, 0.15, 0.15, 0.15),
+        outage_hours=(4.0, 0.3, 0.3, 0.3),
+    )
+
+
+def test_spells_too_short_to_use_count_as_outage() -> None:
+    # Out for 0.1 h after three 0.15 h spells between 0.3 h outages, which followed a
+    # 4 h outage after a 12 h spell.
+    home = quote(
+        A,
+        None,
+        capacity_changed_at=NOW - 0.1 * H,
+        recent_availability=0.9,
+        spell_hours=(12.0, 0.15, 0.15, 0.15),
+        outage_hours=(4.0, 0.3, 0.3),
+    )
+    since = NOW - 24 * H
+    # Raw, this is a young outage in a record of 0.3 h ones: it ends soon.
+    assert expected_outage_hours(home, NOW, since) < 0.5
+    # Through the flickers, the outage has gone on since the 12 h spell ended and is
+    # judged by that age.
+    merged_age = 4.0 + 2 * 0.3 + 3 * 0.15 + 0.1
+    assert expected_outage_hours(home, NOW, since, useful_spell_hours=0.4) == pytest.approx(
+        merged_age
+    )
+    # Spells of a useful length end outages: the record is the raw one.
+    settled = replace(home, spell_hours=(12.0, 0.5, 0.5, 0.5))
+    assert expected_outage_hours(settled, NOW, since, useful_spell_hours=0.4) == (
+        expected_outage_hours(settled, NOW, since)
+    )
+    # Outages the spell record does not reach are kept as they are.
+    unpaired = replace(home, spell_hours=())
+    assert expected_outage_hours(unpaired, NOW, since, useful_spell_hours=0.4) == (
+        expected_outage_hours(unpaired, NOW, since)
+    )
+
+
+@pytest.mark.parametrize(
+    ("home_spot_age", "expected_pool"),
+    [
+        # Home's spot is younger than on-demand would be left for, and home has only
+        # flickered for hours: home is in an outage, the move to B's long spell pays.
+        (0.1, B),
+        # Home's spot has lasted two restarts: home has spot, stay.
+        (0.5, A),
+    ],
+)
+def test_a_home_that_flickers_is_a_home_in_an_outage(
+    home_spot_age: float, expected_pool: Pool
+) -> None:
+    other = quote(
+        B,
+        capacity_changed_at=NOW - 2 * H,
+        spell_hours=LONG_SPELLS,
+        recent_availability=0.5,
+    )
+    v = view(
+        done=10.0,
+        left=47.0,
+        current=on(A, Market.ON_DEMAND, hours_ago=5.0),
+        pools=(flickering_home(home_spot_age), other),
+    )
+    placement = decide_placement(v, NOW)
+    assert isinstance(placement, Spot), placement
+    assert placement.pool == expected_pool
