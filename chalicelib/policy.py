@@ -658,7 +658,13 @@ def _move_pays(
         trips = tuning.excursion_trips
         if not home_has_spot:
             # An excursion buys spot only until home has it again.
-            outage = expected_outage_hours(home, now, view.history_since, tuning, useful)
+            # Only a shared record (one with a share of time with spot) is the
+            # capacity timeline; a lone job's own spells start when it did and its
+            # outages run until it next tried, so its short spells are no flickers.
+            shared = home.recent_availability is not None
+            outage = expected_outage_hours(
+                home, now, view.history_since, tuning, useful if shared else 0.0
+            )
             hours = min(hours, outage)
     if home_has_spot and home is not None and home.spot_price is not None:
         # Home has spot too: the move saves only the difference in spot prices.

@@ -700,3 +700,20 @@ def test_a_home_that_flickers_is_a_home_in_an_outage(
     placement = decide_placement(v, NOW)
     assert isinstance(placement, Spot), placement
     assert placement.pool == expected_pool
+
+
+def test_a_lone_jobs_own_short_spells_are_not_taken_for_flickers() -> None:
+    # The same record as the job's own (no share of time with spot: not a fleet's
+    # capacity timeline): its short spells began when the job started them, so the
+    # outage is judged by the raw record, which says it ends soon: no move.
+    home = replace(flickering_home(0.1), recent_availability=None)
+    other = quote(B, capacity_changed_at=NOW - 2 * H, spell_hours=LONG_SPELLS)
+    v = view(
+        done=10.0,
+        left=47.0,
+        current=on(A, Market.ON_DEMAND, hours_ago=5.0),
+        pools=(home, other),
+    )
+    placement = decide_placement(v, NOW)
+    assert isinstance(placement, OnDemand), placement
+    assert placement.pool == A
