@@ -6,6 +6,12 @@ and a slow detach, instance state-change events, and spot interruptions driven b
 market (``tick``). State it keeps beside moto: the instances it launched (pool, market,
 max price, user data, interruption), the volumes still detaching, and the idempotency
 tokens it has seen.
+
+With tags in instance metadata allowed, EC2 restricts instance tag keys (EC2 user
+guide, "View tags for your EC2 instances using instance metadata": letters, digits and
+``+ - = . , _ : @`` only, and not ``.``, ``..`` or ``_index``): a launch with another key
+fails, and so does tagging a running instance with one. moto accepts any key; the
+sandbox refuses them (the guide names no error code: ``InvalidParameterValue`` here).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import enum
 import hashlib
 import json
 import random
+import re
 import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -57,6 +64,8 @@ from spotctl.sandbox.throttle import Ec2Throttle
 DEFAULT_ACCOUNT = "123456789012"  # moto's default account
 INTERRUPTION_NOTICE_SECONDS = 120.0
 _IDEMPOTENT_ACTIONS = {"RunInstances", "CreateVolume"}
+_IMDS_TAG_KEY = re.compile(r"[A-Za-z0-9+\-=.,_:@]+")
+_IMDS_RESERVED_TAG_KEYS = {".", "..", "_index"}
 _LOCAL_VOLUME_FILTERS = {
     "status",
     "attachment.status",
@@ -177,6 +186,34 @@ def _without_filters(params: dict[str, str], drop: set[str]) -> dict[str, str]:
     return out
 
 
+def _check_imds_tag_keys(keys: list[str]) -> None:
+    """Refuse tag keys IMDS cannot serve, as EC2 does where tags are in metadata."""
+    for key in keys:
+        if not _IMDS_TAG_KEY.fullmatch(key) or key in _IMDS_RESERVED_TAG_KEYS:
+            raise Ec2Error(
+                "InvalidParameterValue",
+                f"The tag key '{key}' is not allowed on an instance with tags in instance "
+                "metadata: use letters, digits and + - = . , _ : @ only, and not '.', "
+                "'..' or '_index'.",
+            )
+
+
+def _instance_tag_keys(params: dict[str, str]) -> list[str]:
+    """The keys of a RunInstances' tag specifications for the instance itself."""
+    keys = []
+    for key, value in params.items():
+        parts = key.split(".")
+        if (
+            len(parts) == 5
+            and parts[0] == "TagSpecification"
+            and parts[2] == "Tag"
+            and parts[4] == "Key"
+            and params.get(f"TagSpecification.{parts[1]}.ResourceType") == "instance"
+        ):
+            keys.append(value)
+    return keys
+
+
 def _parse(body: bytes) -> ET.Element:
     return ET.fromstring(body)  # noqa: S314 - moto's own answer, over loopback
 
@@ -235,6 +272,7 @@ class SandboxEc2:
             "DeleteVolume": self._delete_volume,
             "DescribeVolumes": self._describe_volumes,
             "DescribeSpotPriceHistory": self._describe_spot_price_history,
+            "CreateTags": self._create_tags,
         }
         handler = handlers.get(request.action)
         if handler is None:
@@ -406,6 +444,8 @@ class SandboxEc2:
             raise Ec2Error(
                 "InvalidParameterValue", f"Invalid value '{instance_type}' for InstanceType."
             )
+        if params.get("MetadataOptions.InstanceMetadataTags") == "enabled":
+            _check_imds_tag_keys(_instance_tag_keys(params))
         spot = params.get("InstanceMarketOptions.MarketType") == "spot"
         now = self.clock.now()
         az = self._launch_az(request, params, instance_type, spot, now)
@@ -493,6 +533,14 @@ class SandboxEc2:
             return base64.b64decode(encoded).decode("utf-8", errors="replace")
         except (binascii.Error, ValueError):
             return encoded
+
+    def _create_tags(self, request: Ec2Request) -> UpstreamResponse:
+        params = request.params
+        keys = [v for k, v in params.items() if k.startswith("Tag.") and k.endswith(".Key")]
+        for resource in _indexed(params, "ResourceId"):
+            if self.metadata_tags(resource) is not None:
+                _check_imds_tag_keys(keys)
+        return self.upstream.send_ec2(request, params)
 
     def _create_volume(self, request: Ec2Request) -> UpstreamResponse:
         return self._idempotent(request, lambda params: self.upstream.send_ec2(request, params))

@@ -281,3 +281,41 @@ def test_launch_time_is_on_the_sandbox_clock_not_the_wall_clock(
     (instance,) = reservation["Instances"]
     # The Lambdas' clock and EC2's LaunchTime agree, as in AWS: the reaper ages by it.
     assert instance["LaunchTime"].timestamp() == pytest.approx(cloud.clock.now(), abs=1.0)
+
+
+def test_tags_in_instance_metadata_restrict_instance_tag_keys_like_aws(ec2: Any) -> None:
+    def tags(*keys: str) -> list[dict[str, Any]]:
+        return [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": "v"} for k in keys]}]
+
+    in_metadata = {"InstanceMetadataTags": "enabled"}
+    for bad in ("team/owner", "has space", "_index", "..", "caf\u00e9"):
+        with pytest.raises(ClientError) as exc:
+            launch(ec2, spot=False, MetadataOptions=in_metadata, TagSpecifications=tags(bad))
+        assert error_code(exc) == "InvalidParameterValue"
+        assert f"'{bad}'" in str(exc.value)
+    # The launch was refused: moto never saw it.
+    assert ec2.describe_instances()["Reservations"] == []
+
+    # spotctl's own keys comply; without tags in metadata any key goes, as in EC2.
+    ours = launch(
+        ec2,
+        spot=False,
+        MetadataOptions=in_metadata,
+        TagSpecifications=tags("spotctl:job-id", "spotctl:attempt", "spotctl:batch", "Name"),
+    )
+    plain = launch(ec2, spot=False, TagSpecifications=tags("team/owner"))
+
+    # Tagging an instance with tags in metadata is held to the same rule.
+    with pytest.raises(ClientError) as exc:
+        ec2.create_tags(Resources=[ours], Tags=[{"Key": "team/owner", "Value": "x"}])
+    assert error_code(exc) == "InvalidParameterValue"
+    ec2.create_tags(Resources=[ours], Tags=[{"Key": "spotctl:leave", "Value": "now"}])
+    ec2.create_tags(Resources=[plain], Tags=[{"Key": "with space", "Value": "x"}])
+    described = {
+        i["InstanceId"]: {t["Key"] for t in i.get("Tags", [])}
+        for r in ec2.describe_instances()["Reservations"]
+        for i in r["Instances"]
+    }
+    assert "team/owner" not in described[ours]
+    assert "spotctl:leave" in described[ours]
+    assert {"team/owner", "with space"} <= described[plain]
