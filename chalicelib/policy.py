@@ -25,9 +25,9 @@ every hour spent waiting spends an hour of it, running spends none. The policy
   leaves on-demand for spot as soon as it is back above the reserve and spot will
   have lasted two restarts' worth of time by the next check (short-lived capacity
   costs two restarts for no progress); behind the reserve, it leaves on-demand too
-  when the pool's spell record expects spot to last twice the slack the trip risks
-  (two restarts plus the deficit), since riding spot earns the deficit back as fast
-  as on-demand does;
+  when the pool's spell record expects spot to last twice the two restarts the trip
+  risks, plus the deficit already owed, since riding spot earns the deficit back as
+  fast as on-demand does;
 - ranks spot pools by expected cost per hour of progress, counting the restarts that
   the recorded interruptions predict and the volume move (snapshot + restore) another
   AZ needs; how long a pool's capacity will last comes from its spell record (how
@@ -43,9 +43,13 @@ every hour spent waiting spends an hour of it, running spends none. The policy
   fast to leave on-demand for is part of the outage: such spot at home is no spot
   yet), a move while home has spot saves only the difference in spot prices, and
   slack taken from below the reserve costs the on-demand hours needed to earn it
-  back at the reserve's rate;
+  back at the reserve's rate, in the share of them that home has no spot (when it
+  has, behind the reserve or not, the job is on spot or can be);
 - starts the job in its home: the AZ spot has been in most by the recent record,
-  even when it has no spot this minute; before paying for a move it waits,
+  even when it has no spot this minute if the slack can pay for waiting for it;
+  when it cannot, in the AZ with spot that it has been in most (the first start
+  creates the volume where it runs, so spot anywhere is free of a move then);
+  before paying for a move it waits,
   ski-rental style, as long as the move would cost for spot to come back where the
   volume is.
 
@@ -168,9 +172,9 @@ class Tuning:
     # a restart pays two restarts for no progress.
     leave_on_demand_min_age_restarts: float = 2.0
     # Behind the reserve, on-demand is left for spot anyway when the pool's spell
-    # record expects spot to last this multiple of the slack the trip puts at risk:
-    # two restarts (there, and back after the preemption) plus the reserve's
-    # deficit. Negative: never.
+    # record expects spot to last this multiple of the two restarts the trip puts
+    # at risk (there, and back after the preemption), plus the reserve's deficit
+    # already owed. Negative: never.
     leave_behind_spell_factor: float = 2.0
     # How much of the recent availability we count on, and how much of Uniform
     # Progress's schedule we keep in the blend.
@@ -397,7 +401,11 @@ class _Ranked:
 
 
 def _rank_spot_pools(
-    view: PlacementView, now: float, remaining_hours: float | None, tuning: Tuning
+    view: PlacementView,
+    now: float,
+    remaining_hours: float | None,
+    tuning: Tuning,
+    no_volume: bool = False,
 ) -> list[_Ranked]:
     """Usable spot pools, cheapest expected cost per hour of progress first."""
     ranked: list[_Ranked] = []
@@ -412,8 +420,10 @@ def _rank_spot_pools(
             startup = max(0.0, current.startup_hours - (now - current.started_at) / 3600.0)
             moving = False
         else:
+            # Before the first start there is no volume to move yet: it is created
+            # where the job first runs, even away from its home.
             startup = view.restart_overhead_hours + (
-                view.migration_overhead_hours if moving else 0.0
+                view.migration_overhead_hours if moving and not no_volume else 0.0
             )
         # Each expected interruption costs a restart; the first start is paid once,
         # spread over the shorter of the work left and how long the capacity is
@@ -472,12 +482,13 @@ def decide_placement(view: PlacementView, now: float, tuning: Tuning = DEFAULT_T
             max_price_for(view.pools[0], view.price_cap),
             "keep the running spot instance",
         )
+    no_volume = view.volume_az is None
     if view.volume_az is None:
-        home = _first_home(view)
+        home = _first_home(view, now, tuning)
         if home is not None:
             # The first start creates the volume at home, as if it were already there.
             view = replace(view, volume_az=home)
-    ranked = _rank_spot_pools(view, now, remaining, tuning)
+    ranked = _rank_spot_pools(view, now, remaining, tuning, no_volume)
     on_demand = _on_demand_quote(view)
     od_fallbacks = _fallbacks(sorted(view.pools, key=lambda q: q.on_demand_price), on_demand.pool)
 
@@ -622,9 +633,12 @@ def _move_pays(
     (out and back). Cost: the move's startup (restart plus volume move) is billed without
     progress and spends as much slack, which a later outage buys back on on-demand,
     so it costs its hours at the on-demand price. Slack the move takes from below
-    the reserve is dearer: behind the reserve, the policy earns slack back only on
-    on-demand, at ``share`` hours per hour, so each such hour costs 1 / share hours
-    at the on-demand premium.
+    the reserve is dearer: behind the reserve, the policy earns slack back at
+    ``share`` hours per hour, on on-demand where it would have waited or ridden
+    short spells of spot, so each such hour costs 1 / share hours at the on-demand
+    premium; but only in home's outages (the share of the recent past home had no
+    spot, when known): while home has spot the job rides it or could, behind the
+    reserve as ahead of it.
     """
     quote = ranked.quote
     spot = quote.spot_price if quote.spot_price is not None else quote.on_demand_price
@@ -669,10 +683,16 @@ def _move_pays(
     if home_has_spot and home is not None and home.spot_price is not None:
         # Home has spot too: the move saves only the difference in spot prices.
         premium = min(premium, home.spot_price - spot)
-    cost = quote.on_demand_price * ranked.startup_hours * trips
+    # The trip out costs its startup; each further trip (the way back) a move.
+    move = view.restart_overhead_hours + view.migration_overhead_hours
+    cost = quote.on_demand_price * (ranked.startup_hours + (trips - 1.0) * move)
     if share > 0.0:
-        extra = trips * (ranked.startup_hours - view.restart_overhead_hours)
-        cost += max(0.0, extra - max(0.0, excess)) / share * premium
+        extra = ranked.startup_hours - view.restart_overhead_hours
+        extra += (trips - 1.0) * view.migration_overhead_hours
+        outage_share = 1.0
+        if home is not None and home.recent_availability is not None:
+            outage_share = 1.0 - home.recent_availability
+        cost += outage_share * max(0.0, extra - max(0.0, excess)) / share * premium
     return premium * hours >= cost
 
 
@@ -723,24 +743,45 @@ def _spell_pays_behind(view: PlacementView, best: _Ranked, deficit: float, tunin
     share of each hour), and riding spot earns it back just as fast, so holding
     on-demand through a long spell of spot pays the on-demand premium for nothing.
     What the trip risks is slack: two restarts (the start, and the way back to
-    on-demand after the preemption) on top of the deficit already owed. The trip is
-    taken when the pool's spell record (:func:`expected_spot_hours`, counting the
-    spell's age) expects spot to last ``leave_behind_spell_factor`` times that.
-    Never a move: moves price their own slack.
+    on-demand after the preemption), lost if the spell ends early, on top of the
+    deficit already owed. The trip is taken when the pool's spell record
+    (:func:`expected_spot_hours`, counting the spell's age) expects spot to last
+    ``leave_behind_spell_factor`` times the restarts (the median spell is as likely
+    shorter: the margin is for what the trip can lose), plus the deficit once (owed
+    whether or not the trip is taken, so it needs no margin; a spell shorter than
+    it leaves the job deeper behind than the deficit it started with). Never a
+    move: moves price their own slack.
     """
     factor = tuning.leave_behind_spell_factor
     if factor < 0.0 or best.moves:
         return False
-    at_risk = 2.0 * view.restart_overhead_hours + max(0.0, deficit)
-    return best.spot_hours >= factor * at_risk
+    restarts = 2.0 * view.restart_overhead_hours
+    return best.spot_hours >= factor * restarts + max(0.0, deficit)
 
 
-def _first_home(view: PlacementView) -> str | None:
-    """The AZ spot has been in most by the recent record, where the job's volume goes."""
+def _first_home(view: PlacementView, now: float, tuning: Tuning) -> str | None:
+    """Where the job's volume goes: the AZ spot has been in most by the recent record.
+
+    When that AZ has no spot this minute and the slack cannot pay for waiting for it
+    (not ahead of the reserve by the cushion), the AZ with spot that it has been in
+    most: the first start creates the volume where it runs, so spot in any AZ is
+    free of a move then, while the home without spot would be waited for on
+    on-demand.
+    """
     known = [q for q in view.pools if q.recent_availability is not None]
     if len({q.pool.az for q in view.pools}) < 2 or not known:
         return None
-    return max(known, key=lambda q: (q.recent_availability or 0.0, q.spot_available)).pool.az
+    home = max(known, key=lambda q: (q.recent_availability or 0.0, q.spot_available))
+    with_spot = [q for q in known if _usable_spot(q, view.price_cap)]
+    if _usable_spot(home, view.price_cap) or not with_spot:
+        return home.pool.az
+    if view.total_work_hours is not None and view.deadline is not None:
+        left = (view.deadline - now) / SECONDS_PER_HOUR
+        slack = left - max(0.0, view.total_work_hours - view.work_done_hours)
+        excess = slack - _reserve_share(view, home, now, tuning) * left
+        if excess >= tuning.cushion_hours:
+            return home.pool.az
+    return max(with_spot, key=lambda q: q.recent_availability or 0.0).pool.az
 
 
 def _home_quote(view: PlacementView, ranked: list[_Ranked]) -> PoolQuote | None:

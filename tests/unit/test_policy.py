@@ -143,7 +143,7 @@ ROWS = [
         "on-demand, spot back but behind schedule: stay on-demand",
         view(
             done=10.0,
-            left=40.0,
+            left=39.6,
             current=on(A, Market.ON_DEMAND),
             pools=(quote(capacity_changed_at=NOW - 2 * H, interruptions=interrupted(36)),),
         ),
@@ -185,10 +185,30 @@ ROWS = [
         A,
     ),
     Row(
+        # The same deficit as "spot back but behind schedule", but a record of long
+        # spells: spot is expected to last twice the trip's two restarts plus the
+        # deficit owed, so the trip pays.
+        "on-demand, behind the reserve, spot's spell record long: back to spot",
+        view(
+            done=10.0,
+            left=39.6,
+            current=on(A, Market.ON_DEMAND),
+            pools=(
+                quote(
+                    capacity_changed_at=NOW - 2 * H,
+                    interruptions=interrupted(36),
+                    spell_hours=LONG_SPELLS,
+                ),
+            ),
+        ),
+        Spot,
+        A,
+    ),
+    Row(
         "on-demand, far behind the reserve, spot's spell record long: stay on-demand",
         view(
             done=10.0,
-            left=39.3,
+            left=38.6,
             current=on(A, Market.ON_DEMAND),
             pools=(
                 quote(
@@ -396,6 +416,25 @@ ROWS = [
             ),
         ),
         Wait,
+    ),
+    Row(
+        "first start, home has no spot and the slack cannot wait for it: spot elsewhere, "
+        "where the volume is created",
+        view(
+            volume_az=None,
+            left=49.5,
+            pools=(
+                quote(A, None, recent_availability=0.9),
+                quote(
+                    B,
+                    capacity_changed_at=NOW - 0.05 * H,
+                    spell_hours=SHORT_SPELLS,
+                    recent_availability=0.3,
+                ),
+            ),
+        ),
+        Spot,
+        B,
     ),
     Row(
         "excursion from home, home's outages by its record end soon: wait for home",
@@ -717,3 +756,37 @@ def test_a_lone_jobs_own_short_spells_are_not_taken_for_flickers() -> None:
     placement = decide_placement(v, NOW)
     assert isinstance(placement, OnDemand), placement
     assert placement.pool == A
+
+
+@pytest.mark.parametrize(
+    ("availability", "expected"),
+    [
+        # Home has spot 90 % of the time: behind the reserve, the job would mostly be
+        # riding spot there, so the slack the move takes is cheap: move.
+        (0.9, Spot),
+        # Home has spot 10 % of the time: the slack taken would be earned back on
+        # on-demand: no move.
+        (0.1, OnDemand),
+    ],
+)
+def test_behind_the_reserve_a_moves_slack_costs_on_demand_only_in_homes_outages(
+    availability: float, expected: type
+) -> None:
+    # Both zones have spot as often (no trip out and back); B's spell is long.
+    home = quote(
+        A,
+        None,
+        capacity_changed_at=NOW - 3 * H,
+        interruptions=interrupted(36),
+        recent_availability=availability,
+    )
+    other = quote(
+        B,
+        capacity_changed_at=NOW - 2 * H,
+        spell_hours=LONG_SPELLS,
+        interruptions=interrupted(36),
+        recent_availability=availability,
+    )
+    placement = decide_placement(view(done=10.0, left=39.5, pools=(home, other)), NOW)
+    assert isinstance(placement, expected), placement
+    assert placement.pool == (B if expected is Spot else A)  # type: ignore[union-attr]
