@@ -48,10 +48,9 @@ every hour spent waiting spends an hour of it, running spends none. The policy
 - starts the job in its home: the AZ spot has been in most by the recent record,
   even when it has no spot this minute if the slack can pay for waiting for it;
   when it cannot, in the AZ with spot that it has been in most (the first start
-  creates the volume where it runs, so spot anywhere is free of a move then);
-  before paying for a move it waits,
-  ski-rental style, as long as the move would cost for spot to come back where the
-  volume is.
+  creates the volume where it runs, so spot anywhere is free of a move then); before
+  paying for a move it waits, ski-rental style, as long as the move would cost for
+  spot to come back where the volume is.
 
 Max price follows AWS's advice (no low bids): the on-demand price, or the job's cap if
 lower; after an interruption caused by price it is raised, up to the cap.
