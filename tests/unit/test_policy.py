@@ -83,6 +83,43 @@ LONG_SPELLS = (3.0, 5.0, 8.0, 12.0, 20.0)
 SHORT_SPELLS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.4)
 
 
+def on_demand_spot_back(
+    left: float, spot_age: float = 2.0, spells: tuple[float, ...] = ()
+) -> PlacementView:
+    """10 h done, ``left`` h to the deadline, on on-demand; spot back ``spot_age`` h ago
+    in a pool interrupted 36 times a day, with the spell record ``spells``."""
+    return view(
+        done=10.0,
+        left=left,
+        current=on(A, Market.ON_DEMAND),
+        pools=(
+            quote(
+                capacity_changed_at=NOW - spot_age * H,
+                interruptions=interrupted(36),
+                spell_hours=spells,
+            ),
+        ),
+    )
+
+
+def first_start_home_out(left: float) -> PlacementView:
+    """No volume yet, ``left`` h to a deadline opened 52 h before it; A has had spot 90 %
+    of the time but has none now, B 30 % and has a young spell in a record of short ones."""
+    return view(
+        volume_az=None,
+        left=left,
+        pools=(
+            quote(A, None, recent_availability=0.9),
+            quote(
+                B,
+                capacity_changed_at=NOW - 0.05 * H,
+                spell_hours=SHORT_SPELLS,
+                recent_availability=0.3,
+            ),
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Row:
     situation: str
@@ -141,46 +178,19 @@ ROWS = [
     ),
     Row(
         "on-demand, spot back but behind schedule: stay on-demand",
-        view(
-            done=10.0,
-            left=39.6,
-            current=on(A, Market.ON_DEMAND),
-            pools=(quote(capacity_changed_at=NOW - 2 * H, interruptions=interrupted(36)),),
-        ),
+        on_demand_spot_back(39.6),
         OnDemand,
         A,
     ),
     Row(
         "on-demand, a little behind the reserve, spot's spell record long: back to spot",
-        view(
-            done=10.0,
-            left=40.8,
-            current=on(A, Market.ON_DEMAND),
-            pools=(
-                quote(
-                    capacity_changed_at=NOW - 2 * H,
-                    interruptions=interrupted(36),
-                    spell_hours=LONG_SPELLS,
-                ),
-            ),
-        ),
+        on_demand_spot_back(40.8, spells=LONG_SPELLS),
         Spot,
         A,
     ),
     Row(
         "on-demand, a little behind the reserve, spot young and its spells short: stay",
-        view(
-            done=10.0,
-            left=40.8,
-            current=on(A, Market.ON_DEMAND),
-            pools=(
-                quote(
-                    capacity_changed_at=NOW - 0.5 * H,
-                    interruptions=interrupted(36),
-                    spell_hours=SHORT_SPELLS,
-                ),
-            ),
-        ),
+        on_demand_spot_back(40.8, spot_age=0.5, spells=SHORT_SPELLS),
         OnDemand,
         A,
     ),
@@ -189,35 +199,13 @@ ROWS = [
         # spells: spot is expected to last twice the trip's two restarts plus the
         # deficit owed, so the trip pays.
         "on-demand, behind the reserve, spot's spell record long: back to spot",
-        view(
-            done=10.0,
-            left=39.6,
-            current=on(A, Market.ON_DEMAND),
-            pools=(
-                quote(
-                    capacity_changed_at=NOW - 2 * H,
-                    interruptions=interrupted(36),
-                    spell_hours=LONG_SPELLS,
-                ),
-            ),
-        ),
+        on_demand_spot_back(39.6, spells=LONG_SPELLS),
         Spot,
         A,
     ),
     Row(
         "on-demand, far behind the reserve, spot's spell record long: stay on-demand",
-        view(
-            done=10.0,
-            left=38.6,
-            current=on(A, Market.ON_DEMAND),
-            pools=(
-                quote(
-                    capacity_changed_at=NOW - 2 * H,
-                    interruptions=interrupted(36),
-                    spell_hours=LONG_SPELLS,
-                ),
-            ),
-        ),
+        on_demand_spot_back(38.6, spells=LONG_SPELLS),
         OnDemand,
         A,
     ),
@@ -403,36 +391,13 @@ ROWS = [
     ),
     Row(
         "first start, home (most capacity) has no spot, other AZ's spell young: wait for home",
-        view(
-            volume_az=None,
-            pools=(
-                quote(A, None, recent_availability=0.9),
-                quote(
-                    B,
-                    capacity_changed_at=NOW - 0.05 * H,
-                    spell_hours=SHORT_SPELLS,
-                    recent_availability=0.3,
-                ),
-            ),
-        ),
+        first_start_home_out(left=52.0),
         Wait,
     ),
     Row(
         "first start, home has no spot and the slack cannot wait for it: spot elsewhere, "
         "where the volume is created",
-        view(
-            volume_az=None,
-            left=49.5,
-            pools=(
-                quote(A, None, recent_availability=0.9),
-                quote(
-                    B,
-                    capacity_changed_at=NOW - 0.05 * H,
-                    spell_hours=SHORT_SPELLS,
-                    recent_availability=0.3,
-                ),
-            ),
-        ),
+        first_start_home_out(left=49.5),
         Spot,
         B,
     ),
