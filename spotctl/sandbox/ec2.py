@@ -536,10 +536,11 @@ class SandboxEc2:
 
     def _create_tags(self, request: Ec2Request) -> UpstreamResponse:
         params = request.params
-        keys = [v for k, v in params.items() if k.startswith("Tag.") and k.endswith(".Key")]
-        for resource in _indexed(params, "ResourceId"):
-            if self.metadata_tags(resource) is not None:
-                _check_imds_tag_keys(keys)
+        resources = _indexed(params, "ResourceId")
+        if any(self.metadata_tags(resource) is not None for resource in resources):
+            _check_imds_tag_keys(
+                [v for k, v in params.items() if k.startswith("Tag.") and k.endswith(".Key")]
+            )
         return self.upstream.send_ec2(request, params)
 
     def _create_volume(self, request: Ec2Request) -> UpstreamResponse:
