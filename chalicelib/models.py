@@ -47,6 +47,7 @@ ENDED_INTERRUPTED = "interrupted"  # AWS warned, then took the instance back
 ENDED_RECLAIMED = "reclaimed"  # the instance vanished without a warning reaching us
 ENDED_STOPPED = "stopped"  # the instance stopped; we terminated it to free the volume
 ENDED_COMPLETED = "completed"  # the workload exited (any code)
+ENDED_FAILED = "failed"  # the workload exited non-zero; the job starts it again
 ENDED_CANCELLED = "cancelled"  # the user cancelled the job
 ENDED_LAUNCH_FAILED = "launch-failed"  # no candidate pool would start an instance
 # We ended an on-demand instance to go back to spot (ahead of schedule): neither an
@@ -122,6 +123,9 @@ class JobSpec(BaseModel):
     deadline: datetime | None = None
     expected_hours: float | None = Field(default=None, gt=0, le=24 * 90)
     max_price_per_hour: float | None = Field(default=None, gt=0, le=1000)
+    # A workload that exits non-zero is started again (on a new instance, from its
+    # volume and so its last checkpoint) this many times before the job fails.
+    max_restarts_on_errors: int = Field(default=0, ge=0, le=10)
     checkpoint: CheckpointSettings = CheckpointSettings()
 
     @field_validator("command")
@@ -346,6 +350,7 @@ class Job(BaseModel):
     wait_until: float | None = None
     exit_code: int | None = None
     exit_attempt: int | None = None
+    error_restarts: int = 0  # times the workload was started again after a failure
     cancel_requested_at: float | None = None
     delete_volume_on_cancel: bool = False
     data_synced_at: float | None = None  # the agent's last checkpoint sync to S3

@@ -101,6 +101,7 @@ def _schemas() -> dict[str, Any]:
             "on_demand_cost_usd": {"type": "number"},
             "saved_usd": {"type": "number"},
             "exit_code": {"type": ["integer", "null"]},
+            "error_restarts": {"type": "integer"},
             "failure": {"type": ["string", "null"]},
             "wait_until": {"type": ["string", "null"], "format": "date-time"},
             "events": {"type": "array", "items": {"type": "object"}},

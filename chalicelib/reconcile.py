@@ -66,6 +66,7 @@ from chalicelib.log import logger
 from chalicelib.models import (
     ENDED_CANCELLED,
     ENDED_COMPLETED,
+    ENDED_FAILED,
     ENDED_INTERRUPTED,
     ENDED_LAUNCH_FAILED,
     ENDED_LEFT_ON_DEMAND,
@@ -228,6 +229,8 @@ def decide(job: Job, observed: Observed, now: float, sweeping: bool = False) -> 
         return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
     if job.cancel_requested_at is not None:
         return _cancel(job, observed, now, terminate)
+    if _restarts_after_error(job):
+        return _restart_after_error(job, observed, now, terminate)
     if job.exit_code is not None:
         return _complete(job, observed, now, terminate)
 
@@ -364,7 +367,7 @@ def _why_gone(job: Job, attempt: Attempt) -> str:
     if job.cancel_requested_at is not None:
         return ENDED_CANCELLED
     if job.exit_code is not None:
-        return ENDED_COMPLETED
+        return ENDED_FAILED if _restarts_after_error(job) else ENDED_COMPLETED
     if attempt.left_at is not None:
         return ENDED_LEFT_ON_DEMAND
     return ENDED_INTERRUPTED if attempt.warned_at is not None else ENDED_RECLAIMED
@@ -434,9 +437,44 @@ def _complete(job: Job, observed: Observed, now: float, terminate: list[str]) ->
     state = JobState.SUCCEEDED if code == 0 else JobState.FAILED
     update: dict[str, object] = {"state": state}
     if code != 0:
-        update["failure"] = f"the workload exited with code {code}"
+        failure = f"the workload exited with code {code}"
+        if job.error_restarts:
+            failure += f", after {job.error_restarts} restart(s) on errors"
+        update["failure"] = failure
     job = job.model_copy(update=update).with_event(now, state.value.lower(), f"exit code {code}")
     return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+
+
+def _restarts_after_error(job: Job) -> bool:
+    """Whether the workload exited non-zero and the spec allows starting it again."""
+    return job.exit_code not in (None, 0) and job.error_restarts < job.spec.max_restarts_on_errors
+
+
+def _restart_after_error(
+    job: Job, observed: Observed, now: float, terminate: list[str]
+) -> Decision:
+    """Start a failed workload again, from its volume (its last checkpoint), once none
+    of the job's instances is alive: the agent shuts its instance down after reporting
+    the exit, and we terminate it too rather than wait on that. The next attempt is
+    planned as any relaunch is, so it may go to another pool or zone."""
+    alive = _alive_ids(job, observed)
+    if alive:
+        return Decision(job, _terminate(terminate, alive))
+    # A launch written ahead but never seen (a pass that died) is ended like the rest;
+    # an instance it may have started is found by its client token and terminated.
+    pending = [a for a in job.attempts if not a.ended]
+    for attempt in pending:
+        job = _end_attempt(job, attempt, ENDED_FAILED, now)
+    orphans: tuple[Action, ...] = ()
+    if pending:
+        orphans = (TerminateLaunched(tuple(a.number for a in pending)),)
+    code, restart = job.exit_code, job.error_restarts + 1
+    update = {"exit_code": None, "exit_attempt": None, "error_restarts": restart}
+    job = job.model_copy(update={**update, "state": JobState.RECOVERING})
+    detail = f"exit code {code}; restart {restart} of {job.spec.max_restarts_on_errors}"
+    job = job.with_event(now, "restarting-after-error", detail)
+    decision = _next_attempt(job, observed, now, terminate)
+    return replace(decision, actions=(*orphans, *decision.actions))
 
 
 def _adopt_existing_volume(job: Job, observed: Observed, now: float) -> Job:

@@ -28,7 +28,7 @@ from chalicelib.errors import (
     RequestTooLarge,
 )
 from chalicelib.log import logger
-from chalicelib.models import Job, JobSpec, JobState, is_job_id, iso
+from chalicelib.models import ENDED_FAILED, Job, JobSpec, JobState, is_job_id, iso
 from chalicelib.reconcile import Reconciler, note_rebalance
 from chalicelib.store import MAX_PAGE, JobStore
 
@@ -296,8 +296,8 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
             return job
         detail = report.detail
         if report.kind == "exited":
-            if job.exit_code is not None:
-                return job
+            if job.exit_code is not None or attempt.end_reason == ENDED_FAILED:
+                return job  # told already (an attempt that failed was started again)
             update = {"exit_code": report.exit_code, "exit_attempt": report.attempt}
             job = job.model_copy(update=update)
             detail = f"exit code {report.exit_code}"
@@ -338,6 +338,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "on_demand_cost_usd": round(on_demand, 4),
         "saved_usd": round(on_demand - cost, 4),
         "exit_code": job.exit_code,
+        "error_restarts": job.error_restarts,
         "failure": job.failure,
         "wait_until": iso(job.wait_until),
         "attempts": [

@@ -183,6 +183,9 @@ def render_status(job: dict[str, Any]) -> str:
     ]
     if job.get("failure"):
         lines.append(f"  failure: {job['failure']}")
+    allowed = job.get("spec", {}).get("max_restarts_on_errors", 0)
+    if allowed:
+        lines.append(f"  restarts on errors: {job.get('error_restarts', 0)} of {allowed}")
     if job.get("volume"):
         lines.append(f"  volume {job['volume']['volume_id']} in {job['volume']['az']}")
     lines.append("attempts:")

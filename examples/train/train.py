@@ -8,6 +8,8 @@ with the package, nothing is downloaded) with minibatch SGD in numpy, on CPU, an
   write "<name>.tmp", fsync, rename, fsync the directory;
 - resumes from the newest checkpoint it can read (a damaged one is skipped);
 - on SIGTERM finishes the step in progress, checkpoints, and exits 143;
+- with --crash-once-at-step N, exits 1 the first time it reaches step N (a marker in the
+  checkpoint directory remembers), to show a restart on errors resuming the work;
 - is deterministic: the minibatch of step s depends only on (seed, s), and everything
   else is in the checkpoint, so a run interrupted and resumed any number of times ends
   with weights bit-identical to a run that never stopped.
@@ -34,6 +36,8 @@ from sklearn.datasets import load_digits
 CHECKPOINT = re.compile(r"ckpt-(\d{8})\.npz")
 WEIGHTS = ("w1", "b1", "w2", "b2")
 EXIT_STOPPED = 128 + signal.SIGTERM  # what a shell reports for death by SIGTERM
+EXIT_CRASHED = 1
+CRASHED = "crashed-once"  # marks that --crash-once-at-step has crashed already
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,6 +56,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--step-delay", type=float, default=0.0, help="seconds of sleep per step (demos, tests)"
+    )
+    parser.add_argument(
+        "--crash-once-at-step",
+        type=int,
+        default=None,
+        help="exit 1 on reaching this step, once per checkpoint directory (demos, tests)",
     )
     return parser.parse_args(argv)
 
@@ -183,6 +193,10 @@ def main(argv: list[str]) -> int:
         step += 1
         if step % args.checkpoint_every == 0 or step == args.steps:
             save_checkpoint(directory, step, w, args.keep)
+        if step == args.crash_once_at_step and not (directory / CRASHED).exists():
+            (directory / CRASHED).write_text(f"{step}\n")
+            print(f"crashing at step {step}, as asked (--crash-once-at-step)", flush=True)
+            return EXIT_CRASHED
         if args.step_delay:
             time.sleep(args.step_delay)
 

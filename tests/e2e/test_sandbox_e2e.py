@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from spotctl.cli import call, interruptions
+from spotctl.cli import call, interruptions, render_status
 from spotctl.sandbox.sandbox import EXAMPLE_TRAINER, Sandbox
 from tests.sandbox.conftest import write_trace
 
@@ -100,6 +100,45 @@ def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reord
     assert len(interruptions(job)) >= 1, "the trace took the first instance away"
     assert final["weights_sha256"] == expected
     assert delivered_twice > 0, "the bus duplicated some events"
+    assert_nothing_left(sandbox, ports, states)
+
+
+def test_a_workload_that_fails_once_is_restarted_and_ends_with_identical_weights(
+    tmp_path: Path,
+) -> None:
+    expected = reference_weights(tmp_path)
+    trace = write_trace(tmp_path, "us-west-2a_v100_1.json", 600, [0] * 6)  # never interrupted
+    sandbox = Sandbox(tmp_path / "sandbox", speed=SPEED, trace_paths=[trace], seed=5)
+    spec = {
+        "name": "e2e-restart",
+        "command": [
+            "spotctl-example-train",
+            *TRAIN_ARGS,
+            "--step-delay=0.03",
+            "--crash-once-at-step=70",
+        ],
+        "instance_types": ["p3.2xlarge"],
+        "availability_zones": ["us-west-2a"],
+        "volume_gib": 10,
+        "max_restarts_on_errors": 1,
+        "checkpoint": {"grace_seconds": 10},
+    }
+    with sandbox:
+        ports = sandbox.ports()
+        job = call(sandbox.api_url, "POST", "/jobs", spec, token=sandbox.api_token)
+        job, final, states = run_to_the_end(sandbox, job["job_id"])
+        logs = [
+            (sandbox.emulator.instance_dir(a["instance_id"]) / "log" / "workload.log").read_text()
+            for a in job["attempts"]
+        ]
+    assert job["state"] == "SUCCEEDED", json.dumps(job["events"], indent=1)
+    assert "crashing at step 70" in logs[0], logs[0]
+    assert "resumed from step 60" in logs[1], logs[1]  # the volume's checkpoint
+    assert (job["exit_code"], job["error_restarts"]) == (0, 1)
+    assert [a["end_reason"] for a in job["attempts"]] == ["failed", "completed"]
+    assert "  restarts on errors: 1 of 1" in render_status(job).splitlines()
+    assert interruptions(job) == []
+    assert final["weights_sha256"] == expected
     assert_nothing_left(sandbox, ports, states)
 
 

@@ -115,6 +115,7 @@ valid_spec = st.fixed_dictionaries(
         ),
         "expected_hours": st.floats(min_value=0.01, max_value=1000),
         "max_price_per_hour": st.floats(min_value=0.01, max_value=100),
+        "max_restarts_on_errors": st.integers(min_value=0, max_value=10),
         "deadline": st.sampled_from(["2027-01-01T00:00:00Z", "2029-06-30T12:00:00+02:00"]),
         "checkpoint": st.fixed_dictionaries(
             {},
@@ -139,6 +140,7 @@ SPEC_FIELDS = [
     "results_s3_uri",
     "expected_hours",
     "max_price_per_hour",
+    "max_restarts_on_errors",
     "deadline",
     "checkpoint",
 ]

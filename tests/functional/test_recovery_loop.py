@@ -209,6 +209,38 @@ def test_nonzero_exit_fails_the_job_and_keeps_the_volume(env: Env) -> None:
     assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
 
 
+def test_a_failed_workload_is_restarted_on_a_new_instance_with_its_volume(env: Env) -> None:
+    job = env.submit(max_restarts_on_errors=1)
+    job_id, first = job["job_id"], job["attempts"][0]["instance_id"]
+    env.clock.advance(60)
+    env.cloud.state_change(first, "running")
+    volume_id = env.job(job_id)["volume"]["volume_id"]
+
+    env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 3})
+    assert env.cloud.live_instances(job_id) == []  # terminated: the volume is freed
+    env.cloud.state_change(first, "terminated")
+    second = env.job(job_id)["attempts"][1]["instance_id"]
+    env.cloud.state_change(second, "running")
+    new = assert_recovered(env, job_id, volume_id, first)
+    job = env.job(job_id)
+    assert (job["error_restarts"], job["exit_code"]) == (1, None)
+    assert job["attempts"][0]["end_reason"] == "failed"
+    assert job["interruptions"] == 0
+
+    # The first attempt's report again (a retried delivery) changes nothing.
+    env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 3})
+    assert env.job(job_id)["state"] == "RUNNING"
+    assert env.cloud.live_instances(job_id)[0]["InstanceId"] == new
+
+    env.report(job_id, {"attempt": 2, "kind": "exited", "exit_code": 3})
+    job = env.job(job_id)
+    assert job["state"] == "FAILED"
+    assert job["failure"] == "the workload exited with code 3, after 1 restart(s) on errors"
+    assert env.cloud.live_instances(job_id) == []
+    assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+    env.cloud.assert_invariants(job_id)
+
+
 def test_cancel_while_running_leaves_no_instance(env: Env) -> None:
     job_id, first, volume_id = running_job(env)
     response = env.client.http.delete(f"/jobs/{job_id}")

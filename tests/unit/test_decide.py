@@ -96,6 +96,10 @@ def volume(state: str = "in-use", attached_to: str | None = "i-1", az: str = AZ)
 
 RUNNING_1 = job(JobState.RUNNING, (attempt(1, "i-1", running_at=NOW - 3000),))
 WARNED_1 = job(JobState.RUNNING, (attempt(1, "i-1", running_at=NOW - 3000, warned_at=NOW),))
+# The workload exited 2; the spec allows one restart on errors.
+FAILED_1 = RUNNING_1.model_copy(
+    update={"spec": spec(max_restarts_on_errors=1), "exit_code": 2, "exit_attempt": 1}
+)
 RECOVERING = job(
     JobState.RECOVERING,
     (
@@ -297,6 +301,29 @@ ROWS = [
         [Terminate],
     ),
     Row(
+        "exit 2 with a restart left, instance still up: terminate it, launch nothing yet",
+        FAILED_1,
+        Observed(instances(**{"i-1": "running"}), volume(), HOME_PRICES),
+        JobState.RUNNING,
+        [Terminate],
+        attempts=1,
+    ),
+    Row(
+        "exit 2 with a restart left, instance gone: started again, like a relaunch",
+        FAILED_1,
+        Observed(instances(**{"i-1": "terminated"}), volume("available", None), HOME_PRICES),
+        JobState.RECOVERING,
+        [Launch],
+        attempts=2,
+    ),
+    Row(
+        "exit 2 with its restarts used up: failed",
+        FAILED_1.model_copy(update={"error_restarts": 1}),
+        Observed(instances(**{"i-1": "running"}), volume()),
+        JobState.FAILED,
+        [Terminate],
+    ),
+    Row(
         "cancel while running: terminate, CANCELLING",
         RUNNING_1.model_copy(update={"cancel_requested_at": NOW}),
         Observed(instances(**{"i-1": "running"}), volume()),
@@ -387,6 +414,25 @@ def test_decide_is_idempotent_once_its_record_is_written() -> None:
     )
     assert again.actions == ()
     assert len(again.job.attempts) == 2
+
+
+def test_a_failed_workload_is_started_again_from_its_volume_and_told_once() -> None:
+    gone = Observed(instances(**{"i-1": "terminated"}), volume("available", None), HOME_PRICES)
+    after = decide(FAILED_1, gone, NOW).job
+    first, second = after.attempts
+    assert first.end_reason == "failed"
+    assert second.instance_id is None and second.ended_at is None  # written ahead
+    assert second.candidates[0].pool.az == VOLUME.az  # the volume, and its checkpoint
+    assert (after.exit_code, after.exit_attempt, after.error_restarts) == (None, None, 1)
+    kinds = [e.kind for e in after.timeline][-3:]
+    assert kinds == ["instance-failed", "restarting-after-error", "launch-requested"]
+    assert after.timeline[-2].detail == "exit code 2; restart 1 of 1"
+    # The second failure ends the job, saying how many restarts it had.
+    failed_again = after.model_copy(update={"exit_code": 2, "exit_attempt": 2})
+    running = Observed(instances(**{"i-2": "running"}), volume())
+    final = decide(failed_again, running, NOW).job
+    assert final.state is JobState.FAILED
+    assert final.failure == "the workload exited with code 2, after 1 restart(s) on errors"
 
 
 def test_replacement_goes_to_the_volume_zone_even_when_another_zone_is_cheaper() -> None:

@@ -63,6 +63,20 @@ def test_a_run_stopped_mid_way_and_resumed_ends_with_identical_weights(
     assert final_hash(tmp_path) == uninterrupted
 
 
+def test_a_run_that_crashes_once_resumes_from_its_checkpoint_with_identical_weights(
+    tmp_path: Path, uninterrupted: str
+) -> None:
+    crash = ["--crash-once-at-step", "60"]
+    out, _ = (first := train(tmp_path, *crash)).communicate(timeout=60)
+    assert first.returncode == 1
+    assert "crashing at step 60" in out
+    assert not (tmp_path / "final.json").exists()
+    out, _ = (second := train(tmp_path, *crash)).communicate(timeout=60)
+    assert second.returncode == 0
+    assert "resumed from step 50" in out  # the newest checkpoint before the crash
+    assert final_hash(tmp_path) == uninterrupted
+
+
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[Machine]:
     yield from machine(tmp_path)
