@@ -38,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.optimum import Scenario, Scripted, _optimum, default_scenarios  # noqa: E402
+from bench.optimum import Scenario, Scripted, default_scenarios, optimum_for  # noqa: E402
 from spotctl.simulate import (  # noqa: E402
     JobSpec,
     RunResult,
@@ -115,7 +115,7 @@ def account(trace: Trace, job: JobSpec, start: int, timeline: Timeline, run: Run
 
 def compare(scenario: Scenario, start: int) -> tuple[Hours, Hours]:
     """spotctl's run and the optimum's from ``start``, accounted the same way."""
-    opt = _optimum(scenario.files, scenario.job)
+    opt = optimum_for(scenario.files, scenario.job)
     trace, job = opt.traces[0], scenario.job
     ours: Timeline = []
     run = simulate_run(opt.traces, job, make_policy("spotctl", opt.traces, job), start, ours)
@@ -141,7 +141,7 @@ def evaluate(scenarios: Sequence[Scenario], workers: int) -> dict[Scenario, tupl
     """Per scenario: the mean of spotctl's runs and of the optimum's, over its starts."""
     tasks = []
     for sc in scenarios:
-        ticks = start_ticks(len(_optimum(sc.files, sc.job).traces[0].unavailable), sc.starts)
+        ticks = start_ticks(len(optimum_for(sc.files, sc.job).traces[0].unavailable), sc.starts)
         tasks += [(sc, s) for s in ticks]
     with Pool(workers) as pool:
         done = pool.map(_compare, tasks, chunksize=4)

@@ -402,14 +402,15 @@ def _shown(path: str) -> str:
 
 
 @cache
-def _optimum(files: tuple[str, ...], job: JobSpec) -> Optimum:
+def optimum_for(files: tuple[str, ...], job: JobSpec) -> Optimum:
+    """The optimum of a scenario's traces and job, built once per process."""
     return Optimum([Trace.load(Path(f)) for f in files], job)
 
 
 def _solve(task: tuple[Scenario, int, bool]) -> tuple[Scenario, int, float]:
     """One start of one scenario, normalized (run in a worker)."""
     scenario, start, check = task
-    opt = _optimum(scenario.files, scenario.job)
+    opt = optimum_for(scenario.files, scenario.job)
     if check:
         try:
             cost, actions = opt.schedule(start)
@@ -428,7 +429,7 @@ def evaluate(scenarios: Sequence[Scenario], workers: int, check: bool) -> list[O
     outcomes: dict[Scenario, Outcome] = {}
     tasks: list[tuple[Scenario, int, bool]] = []
     for sc in scenarios:
-        opt = _optimum(sc.files, sc.job)
+        opt = optimum_for(sc.files, sc.job)
         ticks = start_ticks(opt.length, sc.starts)
         outcomes[sc] = Outcome(sc, opt.unit, ticks)
         tasks += [(sc, s, check) for s in ticks]

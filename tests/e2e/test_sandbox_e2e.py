@@ -48,6 +48,20 @@ def wait_for(sandbox: Sandbox, job_id: str, states: tuple[str, ...], seconds: fl
     return job
 
 
+def submit(sandbox: Sandbox, name: str, *train_args: str, **fields: Any) -> Any:
+    """POST the example trainer as a job in us-west-2a; ``fields`` add to the spec."""
+    spec = {
+        "name": name,
+        "command": ["spotctl-example-train", *TRAIN_ARGS, *train_args],
+        "instance_types": ["p3.2xlarge"],
+        "availability_zones": ["us-west-2a"],
+        "volume_gib": 10,
+        "checkpoint": {"grace_seconds": 10},
+        **fields,
+    }
+    return call(sandbox.api_url, "POST", "/jobs", spec, token=sandbox.api_token)
+
+
 def run_to_the_end(sandbox: Sandbox, job_id: str) -> tuple[Any, Any, list[str]]:
     """Wait for the job to end: its view, its ``final.json`` in S3, and the state of
     every instance EC2 knows."""
@@ -80,17 +94,9 @@ def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reord
         reorder_window=4,
         seed=3,
     )
-    spec = {
-        "name": "e2e",
-        "command": ["spotctl-example-train", *TRAIN_ARGS, "--step-delay=0.06"],
-        "instance_types": ["p3.2xlarge"],
-        "availability_zones": ["us-west-2a"],
-        "volume_gib": 10,
-        "checkpoint": {"grace_seconds": 10},
-    }
     with sandbox:
         ports = sandbox.ports()
-        job = call(sandbox.api_url, "POST", "/jobs", spec, token=sandbox.api_token)
+        job = submit(sandbox, "e2e", "--step-delay=0.06")
         job, final, states = run_to_the_end(sandbox, job["job_id"])
         delivered_twice = len(sandbox.bus.delivered) - len(
             {(name, event["id"]) for name, event in sandbox.bus.delivered}
@@ -109,23 +115,10 @@ def test_a_workload_that_fails_once_is_restarted_and_ends_with_identical_weights
     expected = reference_weights(tmp_path)
     trace = write_trace(tmp_path, "us-west-2a_v100_1.json", 600, [0] * 6)  # never interrupted
     sandbox = Sandbox(tmp_path / "sandbox", speed=SPEED, trace_paths=[trace], seed=5)
-    spec = {
-        "name": "e2e-restart",
-        "command": [
-            "spotctl-example-train",
-            *TRAIN_ARGS,
-            "--step-delay=0.03",
-            "--crash-once-at-step=70",
-        ],
-        "instance_types": ["p3.2xlarge"],
-        "availability_zones": ["us-west-2a"],
-        "volume_gib": 10,
-        "max_restarts_on_errors": 1,
-        "checkpoint": {"grace_seconds": 10},
-    }
     with sandbox:
         ports = sandbox.ports()
-        job = call(sandbox.api_url, "POST", "/jobs", spec, token=sandbox.api_token)
+        crash = ("--step-delay=0.03", "--crash-once-at-step=70")
+        job = submit(sandbox, "e2e-restart", *crash, max_restarts_on_errors=1)
         job, final, states = run_to_the_end(sandbox, job["job_id"])
         logs = [
             (sandbox.emulator.instance_dir(a["instance_id"]) / "log" / "workload.log").read_text()
