@@ -28,7 +28,7 @@ from chalicelib.errors import (
     RequestTooLarge,
 )
 from chalicelib.log import logger
-from chalicelib.models import ENDED_FAILED, Job, JobSpec, JobState, is_job_id, iso
+from chalicelib.models import ENDED_FAILED, Attempt, Job, JobSpec, JobState, is_job_id, iso
 from chalicelib.reconcile import Reconciler, note_rebalance
 from chalicelib.store import MAX_PAGE, JobStore
 
@@ -298,6 +298,17 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
         if report.kind == "exited":
             if job.exit_code is not None or attempt.end_reason == ENDED_FAILED:
                 return job  # told already (an attempt that failed was started again)
+            if _replaced_failure_restarts(job, attempt, report):
+                # Its instance went before its report came, and a relaunch has started
+                # the workload again already: that was the restart.
+                failed = attempt.model_copy(update={"end_reason": ENDED_FAILED})
+                restarts = job.error_restarts + 1
+                job = job.replace_attempt(failed).model_copy(update={"error_restarts": restarts})
+                detail = (
+                    f"exit code {report.exit_code}, after a relaunch: "
+                    f"restart {restarts} of {job.spec.max_restarts_on_errors}"
+                )
+                return job.with_event(now, "agent-exited", detail, report.attempt)
             update = {"exit_code": report.exit_code, "exit_attempt": report.attempt}
             job = job.model_copy(update=update)
             detail = f"exit code {report.exit_code}"
@@ -308,6 +319,19 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
         return job.with_event(now, f"agent-{report.kind}", detail, report.attempt)
 
     return apply
+
+
+def _replaced_failure_restarts(job: Job, attempt: Attempt, report: AgentReport) -> bool:
+    """Whether a non-zero exit of an attempt that has ended and been followed by
+    another counts as a restart on errors (the spec has one left)."""
+    current = job.current
+    return (
+        report.exit_code not in (None, 0)
+        and attempt.ended
+        and current is not None
+        and current.number > attempt.number
+        and job.error_restarts < job.spec.max_restarts_on_errors
+    )
 
 
 def job_summary(job: Job, now: float) -> dict[str, Any]:

@@ -20,9 +20,9 @@ from tests.functional.conftest import Env
 HOUR = 3600.0
 
 
-def running_job(env: Env) -> tuple[str, str, str]:
+def running_job(env: Env, **spec: Any) -> tuple[str, str, str]:
     """Submit, let the first instance come up, return (job id, instance id, volume id)."""
-    job = env.submit()
+    job = env.submit(**spec)
     assert job["state"] == "PROVISIONING"
     job_id = job["job_id"]
     first = job["attempts"][0]["instance_id"]
@@ -210,11 +210,7 @@ def test_nonzero_exit_fails_the_job_and_keeps_the_volume(env: Env) -> None:
 
 
 def test_a_failed_workload_is_restarted_on_a_new_instance_with_its_volume(env: Env) -> None:
-    job = env.submit(max_restarts_on_errors=1)
-    job_id, first = job["job_id"], job["attempts"][0]["instance_id"]
-    env.clock.advance(60)
-    env.cloud.state_change(first, "running")
-    volume_id = env.job(job_id)["volume"]["volume_id"]
+    job_id, first, volume_id = running_job(env, max_restarts_on_errors=1)
 
     env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 3})
     assert env.cloud.live_instances(job_id) == []  # terminated: the volume is freed
@@ -239,6 +235,23 @@ def test_a_failed_workload_is_restarted_on_a_new_instance_with_its_volume(env: E
     assert env.cloud.live_instances(job_id) == []
     assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
     env.cloud.assert_invariants(job_id)
+
+
+def test_a_failure_reported_after_its_relaunch_counts_as_the_restart(env: Env) -> None:
+    job_id, first, volume_id = running_job(env, max_restarts_on_errors=1)
+    env.ec2.terminate_instances(InstanceIds=[first])  # the agent's shutdown came first
+    env.cloud.state_change(first, "terminated")
+    second = env.job(job_id)["attempts"][1]["instance_id"]
+    env.cloud.state_change(second, "running")
+    assert_recovered(env, job_id, volume_id, first)
+
+    for _ in range(2):  # the agent's retried report, twice
+        env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 3})
+        job = env.job(job_id)
+        assert job["state"] == "RUNNING"
+        assert (job["error_restarts"], job["exit_code"], job["interruptions"]) == (1, None, 0)
+        assert [a["end_reason"] for a in job["attempts"]] == ["failed", None]
+        assert [i["InstanceId"] for i in env.cloud.live_instances(job_id)] == [second]
 
 
 def test_cancel_while_running_leaves_no_instance(env: Env) -> None:
