@@ -24,7 +24,9 @@ double* per instance works one step per sandbox minute while the job's volume is
 attached, checkpoints to the volume every 30 steps and syncs to S3, checkpoints at once
 when IMDS shows a notice, checkpoints and shuts its instance down when IMDS shows the
 ``spotctl:leave`` tag (the control plane leaving on-demand), reports ``exited`` through
-the API when the work is done and shuts its instance down. An agent that misses a
+the API when the work is done and shuts its instance down. A share of the workloads
+(``error_fraction``) crashes once half-way: reports exit 1, without a checkpoint, and
+shuts down; every job allows one restart on errors. An agent that misses a
 notice misses the tag too, and is terminated after the drain time. tests/e2e runs the
 real agent.
 
@@ -108,6 +110,9 @@ class ChaosConfig:
     sweep_seconds: float = 60.0
     audit_every: int = 5  # poll EC2's instances and volumes every N sandbox minutes
     cancel_fraction: float = 0.05
+    # This share of the workloads exits 1 once, half-way through its work, without a
+    # checkpoint; every job is submitted with one restart on errors.
+    error_fraction: float = 0.1
     # This share of the jobs has a deadline (``deadline_factor`` x its work from its
     # submission) and ``expected_hours``: the policy may start them on on-demand when
     # spot is refused, and the sweep moves them back to spot once they are ahead.
@@ -266,6 +271,8 @@ class Violations:
     leftover_instances: list[str] = field(default_factory=list)
     lost_jobs: list[str] = field(default_factory=list)
     false_success: list[str] = field(default_factory=list)
+    # Jobs (not cancelled) whose restarts on errors differ from the crashes they had.
+    wrong_restarts: list[str] = field(default_factory=list)
 
 
 class World:
@@ -291,6 +298,9 @@ class World:
         self.max_loss: dict[str, int] = defaultdict(int)
         self.rng = random.Random(config.seed + 1)
         self.deaf: set[str] = set()  # instances whose notice the agent never saw
+        self.crash_rng = random.Random(config.seed + 2)
+        self.will_crash: dict[str, bool] = {}  # job -> its workload crashes once
+        self.crashed: set[str] = set()
 
     # lifecycle observer ------------------------------------------------------------
 
@@ -326,6 +336,8 @@ class World:
         if not job_id:
             return
         self.known_volumes[volume_id] = job_id
+        if job_id not in self.will_crash:
+            self.will_crash[job_id] = self.crash_rng.random() < self.config.error_fraction
         # An empty volume restores the job's last S3 sync (what the agent does).
         step = self.volume_step.setdefault(volume_id, self.s3_step.get(job_id, 0))
         loss = self.max_step[job_id] - step
@@ -380,14 +392,13 @@ class World:
             if notice is not None and not deaf:
                 self._checkpoint(agent, progress)  # the SIGTERM checkpoint within the notice
                 agent.stopped = True
+            elif self._crashes(agent, progress):
+                self.crashed.add(agent.job_id)
+                self._exit(agent, 1)  # no checkpoint: what it had saved is what is left
             elif progress >= self.total_steps:
                 self._checkpoint(agent, progress)
-                agent.exited = True
                 self.finished.add(agent.job_id)
-                _, attempt = self._job_of(agent.instance_id)
-                body = {"attempt": attempt, "kind": "exited", "exit_code": 0}
-                self.pending_reports.append((agent.job_id, attempt, body))
-                self.ec2.terminate_instances(InstanceIds=[agent.instance_id])  # shutdown
+                self._exit(agent, 0)
             elif not deaf and LEAVE_TAG in (self.cloud.metadata_tags(agent.instance_id) or {}):
                 self._checkpoint(agent, progress)  # asked to leave: stop, checkpoint, go
                 agent.stopped = True
@@ -402,6 +413,21 @@ class World:
                 self.report(job_id, attempt, body)
             except LambdaCrash:
                 self.pending_reports.append((job_id, attempt, body))  # the agent retries
+
+    def _crashes(self, agent: _Agent, progress: int) -> bool:
+        return (
+            self.will_crash.get(agent.job_id, False)
+            and agent.job_id not in self.crashed
+            and progress >= self.total_steps // 2
+        )
+
+    def _exit(self, agent: _Agent, code: int) -> None:
+        """Report the workload's exit through the API, and shut the instance down."""
+        agent.exited = True
+        _, attempt = self._job_of(agent.instance_id)
+        body = {"attempt": attempt, "kind": "exited", "exit_code": code}
+        self.pending_reports.append((agent.job_id, attempt, body))
+        self.ec2.terminate_instances(InstanceIds=[agent.instance_id])  # shutdown
 
     # the auditor ------------------------------------------------------------------------
 
@@ -453,6 +479,8 @@ class ChaosReport:
     attempts_launched: int
     on_demand_attempts: int
     left_on_demand: int  # on-demand instances ended by the sweep to go back to spot
+    workload_crashes: int  # workloads that exited 1 half-way (the agent double's crash)
+    restarts_on_errors: int  # restarts the control plane made for them
     max_steps_lost: int
     violations: dict[str, int]
     examples: dict[str, list[str]]
@@ -461,7 +489,7 @@ class ChaosReport:
         "its volume is attached, checkpoint + S3 sync every checkpoint_steps, checkpoint on "
         "IMDS notice (misses it as often as a warning is dropped), checkpoints and shuts "
         "down on the IMDS leave tag (unless it missed notices), reports exited via the "
-        "API and shuts down"
+        "API and shuts down; error_fraction of them exit 1 once half-way, unsaved"
     )
 
     @property
@@ -608,6 +636,7 @@ def _drive(
         "availability_zones": ["us-west-2a", "us-west-2b"],
         "volume_gib": 50,
         "results_s3_uri": "s3://spotctl-chaos/results",
+        "max_restarts_on_errors": 1,
     }
     arrivals = sorted(
         START + rng.uniform(0, config.arrival_hours * 3600) for _ in range(config.jobs)
@@ -693,6 +722,11 @@ def _drive(
             violations.lost_jobs.append(f"{job_id} {stored.state.value}")
         elif stored.state == JobState.SUCCEEDED and job_id not in world.finished:
             violations.false_success.append(job_id)
+        crashes = 1 if job_id in world.crashed else 0
+        if stored.state != JobState.CANCELLED and stored.error_restarts != crashes:
+            violations.wrong_restarts.append(
+                f"{job_id}: crashed {crashes}, restarted {stored.error_restarts}"
+            )
     interruptions = sum(
         1
         for j in job_ids
@@ -729,6 +763,8 @@ def _drive(
         attempts_launched=launched,
         on_demand_attempts=on_demand,
         left_on_demand=left,
+        workload_crashes=len(world.crashed),
+        restarts_on_errors=sum(plane.store.get(j).error_restarts for j in job_ids),
         max_steps_lost=max(world.max_loss.values(), default=0),
         violations=counts,
         examples={k: [str(x) for x in v] for k, v in examples.items()},
@@ -758,6 +794,8 @@ def render(report: ChaosReport) -> str:
         f"  interruptions recorded: {report.interruptions}; instances launched: "
         f"{report.attempts_launched}; on-demand: {report.on_demand_attempts}, of which "
         f"{report.left_on_demand} left for spot by the sweep",
+        f"  workload crashes: {report.workload_crashes}; restarts on errors: "
+        f"{report.restarts_on_errors}",
         "  faults injected: " + ", ".join(f"{k}={v}" for k, v in sorted(report.faults.items())),
         f"  botocore backoff requested: {report.backoff_seconds_requested} s (slept at 1/1000)",
         f"  most checkpoint steps lost by one job: {report.max_steps_lost} "
@@ -773,6 +811,7 @@ def render(report: ChaosReport) -> str:
         "leftover_instances": "instances running > 10 min after their job ended",
         "lost_steps": "jobs that lost steps beyond the checkpoint interval",
         "false_success": "jobs SUCCEEDED whose work never finished",
+        "wrong_restarts": "jobs restarted on errors other than the once they crashed",
     }
     for name, label in labels.items():
         lines.append(f"    {label}: {report.violations[name]}")
