@@ -18,10 +18,11 @@ offline optimum that it does close is what better use of the pool's record could
 The program, per tick (the simulator's tick, ``gap``), in the simulator's semantics:
 state (ticks left, slack, what runs, spot up, its age in ticks up to ``MAX_AGE_TICKS``),
 slack counted in units of about 0.0135 h (``gap / k``); a restart costs its overhead
-rounded up to whole units, idling a tick costs the tick, running costs none; the
-deadline's window is rounded down to whole ticks. Both roundings only ever take slack
-away, so the policy is never told it has slack it has not. Slack below zero is a miss,
-and the program never takes a risk of one: on-demand can always finish from slack zero.
+rounded up to whole units, idling a tick costs the tick, running costs none; the last
+tick is as long as the deadline leaves it. Slack is rounded down and restarts up, so
+the policy is never told it has slack it has not. Slack below zero is a miss, and the
+program takes no risk of one: on-demand can always finish from slack zero, and no
+state of spot is taken as sure to go on, even one the trace never saw end.
 
 Usage, from the repository root:
 
@@ -70,7 +71,8 @@ from spotctl.simulation_types import Kind, TickState  # noqa: E402
 
 MAX_AGE_TICKS = 40
 SLACK_UNIT_HOURS = 0.0135
-INFEASIBLE = 1e12
+INFEASIBLE = 1e12  # cost of a miss: no saving is worth any chance of one
+NEVER_SURE = 1e-6  # the least chance a state ends in a tick
 RESULTS = ROOT / "bench" / "results"
 REPORT = ROOT / "docs" / "bound.md"
 GROUP_NAMES = {"a": "32 single-AZ scenarios (aws-10-26-2022)", "v": "36 held out (aws-02-15-2023)"}
@@ -140,10 +142,14 @@ class Solution:
     ticks: int
     max_age: int
 
-    def slack_units(self, ticks_left: int, work_left_hours: float) -> int:
+    def slack_units(self, hours_left: float, work_left_hours: float) -> int:
         """Slack in whole units, rounded down (never more than there is)."""
-        raw = (ticks_left * self.gap_hours - work_left_hours) / self.unit_hours
-        return min(math.floor(raw + 1e-6), int(self.decisions.shape[-1]) - 1)
+        raw = (hours_left - work_left_hours) / self.unit_hours
+        return min(math.floor(raw + 1e-9), int(self.decisions.shape[-1]) - 1)
+
+    def ticks_left(self, hours_left: float) -> int:
+        """Ticks to the deadline, the last one cut short by it counted."""
+        return math.ceil(hours_left / self.gap_hours - 1e-9)
 
     def decide(self, kind: Kind, up: bool, age: int, ticks_left: int, slack: int) -> Kind:
         if slack < 0 or ticks_left <= 0:
@@ -171,29 +177,32 @@ def solve(model: Model, job: JobSpec, gap_hours: float) -> Solution:
     per_tick = max(1, round(gap_hours / SLACK_UNIT_HOURS))
     unit = gap_hours / per_tick
     restart = math.ceil(job.restart_overhead_hours / unit - 1e-9)
-    ticks = math.floor(job.deadline_hours / gap_hours + 1e-9)
-    slack_max = max(0, int(math.floor(ticks * gap_hours / unit + 1e-9) - job.job_hours / unit))
-    size = slack_max + 1
+    ticks = math.ceil(job.deadline_hours / gap_hours - 1e-9)
+    last_tick = job.deadline_hours - (ticks - 1) * gap_hours  # the deadline may cut it short
+    size = math.floor((job.deadline_hours - job.job_hours) / unit + 1e-9) + 1
     ages = model.stay.shape[1]
     sigma = np.arange(size)
     older = np.minimum(np.arange(ages) + 1, ages - 1)
-    stay = model.stay[:, :, None]
+    # A state the record never saw end can still end: spot can go in any tick, and a
+    # spot start on the belief that it cannot would risk the deadline.
+    stay = np.minimum(model.stay, 1.0 - NEVER_SURE)[:, :, None]
     od, sp = job.on_demand_price, job.spot_price
     decisions = np.zeros((ticks + 1, 5, ages, size), dtype=np.int8)
     idle_v = np.zeros((2, ages, size))  # nothing running
     od_v = np.zeros((2, ages, size))  # on-demand running
     spot_v = np.zeros((ages, size))  # spot running (spot up)
     for left in range(1, ticks + 1):
-        work = left * gap_hours - sigma * unit  # work left, restarts paid so far included
+        step = last_tick if left == 1 else gap_hours
+        work = (left - 1) * gap_hours + last_tick - sigma * unit  # restarts paid included
         done = work <= 1e-9
-        last = work <= gap_hours + 1e-9
+        last = work <= step + 1e-9
         # Expected value of the next tick's state, by this tick's (up, age).
         e_idle = stay * idle_v[:, older, :] + (1 - stay) * idle_v[::-1, :1, :]
         e_od = stay * od_v[:, older, :] + (1 - stay) * od_v[::-1, :1, :]
         e_spot = stay[1] * spot_v[older, :] + (1 - stay[1]) * idle_v[0, :1, :]
-        wait = _shift(e_idle, per_tick)
-        run_od = np.where(last, work * od, gap_hours * od + e_od)
-        run_spot = np.where(last, work * sp, gap_hours * sp + e_spot)
+        wait = _shift(e_idle, per_tick if left > 1 else size)  # idling through the end: a miss
+        run_od = np.where(last, work * od, step * od + e_od)
+        run_spot = np.where(last, work * sp, step * sp + e_spot)
         start_od = _shift(run_od, restart)
         start_spot = _shift(run_spot, restart)
         no_spot = np.full_like(start_spot, INFEASIBLE)
@@ -243,9 +252,10 @@ class ModelPolicy:
 
     def decide(self, state: TickState) -> tuple[Kind, int]:
         s = self._solution
-        ticks_left = math.floor((state.deadline_hours - state.elapsed_hours) / s.gap_hours + 1e-9)
+        hours_left = state.deadline_hours - state.elapsed_hours
         work = state.remaining_hours + state.pending_overhead_hours
-        slack = s.slack_units(ticks_left, work)
+        slack = s.slack_units(hours_left, work)
+        ticks_left = s.ticks_left(hours_left)
         up = state.available[0]
         kind = s.decide(state.kind, up, self._age(self._start + state.tick), ticks_left, slack)
         return kind, 0

@@ -103,7 +103,7 @@ def test_on_the_model_it_was_solved_for_it_costs_what_it_expects_and_beats_the_b
         return statistics.mean(r.cost for r in runs)
 
     # What the program expects from each start, nothing running yet.
-    sigma = solution.slack_units(solution.ticks, job.job_hours)
+    sigma = solution.slack_units(job.deadline_hours, job.job_hours)
     expected = []
     for s in starts:
         up = not trace.unavailable[s]
@@ -121,6 +121,30 @@ def test_decisions_only_take_slack_the_job_has() -> None:
     job = sim.JobSpec(job_hours=2.0, deadline_hours=2.5, restart_overhead_hours=0.2)
     solution = solve(fit_model(trace_of("0101" * 30).unavailable), job, 600 / 3600)
     # 0.5 h of slack, rounded down to whole units; a restart rounded up.
-    assert solution.slack_units(solution.ticks, job.job_hours) * solution.unit_hours <= 0.5
+    assert solution.slack_units(job.deadline_hours, job.job_hours) * solution.unit_hours <= 0.5
     assert solution.restart_units * solution.unit_hours >= 0.2
     assert np.isin(solution.decisions, (0, 1, 2)).all()
+
+
+def test_it_never_counts_on_spot_lasting_even_where_the_model_never_saw_it_end() -> None:
+    # Every spell in the fitted trace lasts 6 ticks: by the model, a spell younger
+    # than that cannot end, and the whole job (3 ticks of work and a restart) fits in
+    # one. With slack for less than two restarts, a spot start is still a risk: in the
+    # trace run, spells end after one tick.
+    fitted = ("000000" + "11") * 300
+    actual = ("0" + "1") * 600
+    job = sim.JobSpec(job_hours=0.5, deadline_hours=0.8, restart_overhead_hours=0.2)
+    solution = solve(fit_model(trace_of(fitted).unavailable), job, 600 / 3600)
+    runs = run_all(actual, job, ModelPolicy(solution, trace_of(actual)), 40)
+    assert all(r.met_deadline for r in runs)
+
+
+def test_the_tick_the_deadline_cuts_short_still_counts() -> None:
+    # 4.5 ticks to the deadline: 0.25 h of slack, room for one restart (0.2 h) only if
+    # the last half tick is counted.
+    flags = "1" * 60
+    job = sim.JobSpec(job_hours=0.5, deadline_hours=0.75, restart_overhead_hours=0.2)
+    solution = solve(fit_model(trace_of(flags).unavailable), job, 600 / 3600)
+    [run] = run_all(flags, job, ModelPolicy(solution, trace_of(flags)), 1)
+    assert run.met_deadline
+    assert run.normalized_cost == pytest.approx(1.0)
