@@ -401,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(results: Path) -> str:
     """docs/bound.md, from the default run's JSON and any --fit-hours run's beside it."""
     known = json.loads((results / "bound.json").read_text())
-    fitted = [json.loads(p.read_text()) for p in sorted(results.glob("bound-fit*.json"))]
+    fitted = [json.loads(p.read_text()) for p in results.glob("bound-fit*.json")]
+    fitted.sort(key=lambda run: float(run["fit_hours"]))
     lines = [
         "# The best online policy with the model known",
         "",
