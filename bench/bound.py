@@ -51,6 +51,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -398,6 +399,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _summary(run: dict[str, Any], label: str) -> list[str]:
+    """A run's group means: the three policies, and the ratios to Uniform Progress."""
+    lines = [
+        f"| scenarios | starts | Uniform Progress | spotctl | {label} | "
+        f"spotctl / UP | {label} / UP | misses |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    starts = {s["group"]: s["starts"] for s in run["scenarios"]}
+    for group, m in run["group_means"].items():
+        lines.append(
+            f"| {GROUP_NAMES.get(group, group)} | {starts[group]} "
+            f"| {m['uniform_progress']:.4f} | {m['spotctl']:.4f} | {m['model_known']:.4f} "
+            f"| {m['spotctl_to_uniform_progress']:.4f} "
+            f"| {m['model_known_to_uniform_progress']:.4f} | {m['misses']} |"
+        )
+    return lines
+
+
 def report(results: Path) -> str:
     """docs/bound.md, from the default run's JSON and any --fit-hours run's beside it."""
     known = json.loads((results / "bound.json").read_text())
@@ -414,36 +433,16 @@ def report(results: Path) -> str:
         "ends: the best any online policy could do if spot were drawn that way. "
         "`model fitted` knows only the trace's past before each start.",
         "",
-        "| scenarios | starts | Uniform Progress | spotctl | model known | "
-        "spotctl / UP | model known / UP | misses |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *_summary(known, "model known"),
     ]
-    starts = {s["group"]: s["starts"] for s in known["scenarios"]}
-    for group, m in known["group_means"].items():
-        lines.append(
-            f"| {GROUP_NAMES.get(group, group)} | {starts[group]} | {m['uniform_progress']:.4f} "
-            f"| {m['spotctl']:.4f} | {m['model_known']:.4f} "
-            f"| {m['spotctl_to_uniform_progress']:.4f} "
-            f"| {m['model_known_to_uniform_progress']:.4f} | {m['misses']} |"
-        )
     for run in fitted:
         lines += [
             "",
             f"Model fitted to the {run['fit_hours']:g} h of trace before each start "
             f"(`{run['command']}`, {run['runtime_seconds']:.0f} s):",
             "",
-            "| scenarios | starts | Uniform Progress | spotctl | model fitted | "
-            "spotctl / UP | model fitted / UP | misses |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            *_summary(run, "model fitted"),
         ]
-        starts = {s["group"]: s["starts"] for s in run["scenarios"]}
-        for group, m in run["group_means"].items():
-            lines.append(
-                f"| {GROUP_NAMES.get(group, group)} | {starts[group]} "
-                f"| {m['uniform_progress']:.4f} | {m['spotctl']:.4f} | {m['model_known']:.4f} "
-                f"| {m['spotctl_to_uniform_progress']:.4f} "
-                f"| {m['model_known_to_uniform_progress']:.4f} | {m['misses']} |"
-            )
     lines += [
         "",
         "## Every scenario (model known)",

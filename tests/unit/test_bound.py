@@ -1,12 +1,15 @@
 """bench/bound.py: the model of a trace, and the program's policy in the simulator."""
 
+import json
 import random
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bench.bound import ModelPolicy, fit_model, run_lengths, solve
+from bench.bound import ModelPolicy, Result, fit_model, group_means, report, run_lengths, solve
+from bench.optimum import Scenario
 from spotctl import simulate as sim
 from spotctl.baselines import Greedy, UniformProgress
 from spotctl.simulation_types import Policy
@@ -148,3 +151,37 @@ def test_the_tick_the_deadline_cuts_short_still_counts() -> None:
     [run] = run_all(flags, job, ModelPolicy(solution, trace_of(flags)), 1)
     assert run.met_deadline
     assert run.normalized_cost == pytest.approx(1.0)
+
+
+def test_group_means_and_the_report_from_them(tmp_path: Path) -> None:
+    job = sim.JobSpec()
+    results = [
+        Result(Scenario("v", (f"/t/{name}.json",), job, 10), bound, ours, up, misses)
+        for name, bound, ours, up, misses in (("x", 0.5, 0.6, 0.8, 0), ("y", 0.7, 0.8, 0.8, 1))
+    ]
+    means = group_means(results)["v"]
+    assert means["model_known"] == pytest.approx(0.6)
+    assert means["model_known_to_uniform_progress"] == pytest.approx(0.75)
+    assert means["spotctl_to_uniform_progress"] == pytest.approx(0.875)
+    assert means["misses"] == 1
+
+    def write(name: str, fit_hours: float | None) -> None:
+        run = {
+            "command": f"bench/bound.py {name}",
+            "runtime_seconds": 1.0,
+            "fit_hours": fit_hours,
+            "group_means": group_means(results),
+            "scenarios": [r.as_json() for r in results],
+        }
+        (tmp_path / name).write_text(json.dumps(run))
+
+    write("bound.json", None)
+    write("bound-fit72.json", 72.0)
+    write("bound-fit168.json", 168.0)
+    text = report(tmp_path)
+    assert (
+        "| 36 held out (aws-02-15-2023) | 10 | 0.8000 | 0.7000 | 0.6000 | 0.8750 | 0.7500 | 1 |"
+        in (text)
+    )
+    assert text.index("fitted to the 72 h") < text.index("fitted to the 168 h")
+    assert "| v | y D52 d0.2 | 0.800 | 0.800 | 0.700 | 1 |" in text
