@@ -32,8 +32,9 @@ Usage, from the repository root:
     .venv/bin/python bench/bound.py --fit-hours 72 --starts 10   # model from the past only
 
 ``--fit-hours H`` fits the model, for each start, to the H hours of trace before it
-(what a pool record of that age holds) instead of to the whole trace: an online policy
-that could be built, one program per start (slow: a few seconds each).
+(what a pool record of that age holds; before the trace's first tick, its end, as the
+simulator's history wraps) instead of to the whole trace: an online policy that could
+be built, one program per start (slow: a few seconds each).
 
 Default scenarios, 100 starts each: bench/cost.py's single-AZ ones, the 32 of
 aws-10-26-2022 and the 36 held out of aws-02-15-2023.
@@ -390,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "group_means": groups,
             "scenarios": [r.as_json() for r in results],
         }
-        name = "bound.json" if args.fit_hours is None else f"bound-fit{args.fit_hours:g}.json"
+        name = "bound.json"
+        if args.fit_hours is not None:
+            name = f"bound-fit{args.fit_hours:g}{'-' + args.group if args.group else ''}.json"
         out = args.out or RESULTS / name
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
@@ -421,7 +424,7 @@ def report(results: Path) -> str:
     """docs/bound.md, from the default run's JSON and any --fit-hours run's beside it."""
     known = json.loads((results / "bound.json").read_text())
     fitted = [json.loads(p.read_text()) for p in results.glob("bound-fit*.json")]
-    fitted.sort(key=lambda run: float(run["fit_hours"]))
+    fitted.sort(key=lambda run: (float(run["fit_hours"]), run["command"]))
     lines = [
         "# The best online policy with the model known",
         "",
