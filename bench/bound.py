@@ -11,9 +11,12 @@ that never misses the deadline, and the simulator runs it on the real trace from
 same starts as bench/cost.py.
 
 What it tells: spotctl is scored against Uniform Progress (issue #5: at most 0.96 of
-its cost). If even this policy, which knows the model the trace was drawn from, cannot
-go far below a bar, no rule tuned online can either; the part of the distance to the
-offline optimum that it does close is what better use of the pool's record could win.
+its cost). If even this policy, which knows the distribution the trace's spells and
+outages follow, cannot go far below a bar, a rule that learns that distribution online
+can hardly do better: only by finding what the model leaves out (streaks of long or
+short spells, say). The part of the distance to the offline optimum that it closes is
+what better use of a pool's record could win. In the results' JSON, ``model_policy``
+is the program's policy: with the model known, or with ``--fit-hours``, fitted.
 
 The program, per tick (the simulator's tick, ``gap``), in the simulator's semantics:
 state (ticks left, slack, what runs, spot up, its age in ticks up to ``MAX_AGE_TICKS``),
@@ -278,7 +281,7 @@ class Result:
             "name": self.scenario.name,
             "group": self.scenario.group,
             "starts": self.scenario.starts,
-            "model_known": round(self.bound, 4),
+            "model_policy": round(self.bound, 4),
             "spotctl": round(self.spotctl, 4),
             "uniform_progress": round(self.uniform_progress, 4),
             "misses": self.misses,
@@ -338,10 +341,10 @@ def group_means(results: Sequence[Result]) -> dict[str, dict[str, float]]:
         ours = statistics.mean(r.spotctl for r in mine)
         out[group] = {
             "scenarios": len(mine),
-            "model_known": round(bound, 4),
+            "model_policy": round(bound, 4),
             "spotctl": round(ours, 4),
             "uniform_progress": round(up, 4),
-            "model_known_to_uniform_progress": round(bound / up, 4),
+            "model_policy_to_uniform_progress": round(bound / up, 4),
             "spotctl_to_uniform_progress": round(ours / up, 4),
             "misses": sum(r.misses for r in mine),
         }
@@ -413,9 +416,9 @@ def _summary(run: dict[str, Any], label: str) -> list[str]:
     for group, m in run["group_means"].items():
         lines.append(
             f"| {GROUP_NAMES.get(group, group)} | {starts[group]} "
-            f"| {m['uniform_progress']:.4f} | {m['spotctl']:.4f} | {m['model_known']:.4f} "
+            f"| {m['uniform_progress']:.4f} | {m['spotctl']:.4f} | {m['model_policy']:.4f} "
             f"| {m['spotctl_to_uniform_progress']:.4f} "
-            f"| {m['model_known_to_uniform_progress']:.4f} | {m['misses']} |"
+            f"| {m['model_policy_to_uniform_progress']:.4f} | {m['misses']} |"
         )
     return lines
 
@@ -456,7 +459,7 @@ def report(results: Path) -> str:
     for s in known["scenarios"]:
         lines.append(
             f"| {s['group']} | {s['name']} | {s['uniform_progress']:.3f} | {s['spotctl']:.3f} "
-            f"| {s['model_known']:.3f} | {s['misses']} |"
+            f"| {s['model_policy']:.3f} | {s['misses']} |"
         )
     lines += ["", f"`{known['command']}`: {known['runtime_seconds']:.0f} s.", ""]
     return "\n".join(lines)

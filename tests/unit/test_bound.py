@@ -160,8 +160,8 @@ def test_group_means_and_the_report_from_them(tmp_path: Path) -> None:
         for name, bound, ours, up, misses in (("x", 0.5, 0.6, 0.8, 0), ("y", 0.7, 0.8, 0.8, 1))
     ]
     means = group_means(results)["v"]
-    assert means["model_known"] == pytest.approx(0.6)
-    assert means["model_known_to_uniform_progress"] == pytest.approx(0.75)
+    assert means["model_policy"] == pytest.approx(0.6)
+    assert means["model_policy_to_uniform_progress"] == pytest.approx(0.75)
     assert means["spotctl_to_uniform_progress"] == pytest.approx(0.875)
     assert means["misses"] == 1
 
