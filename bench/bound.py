@@ -375,7 +375,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with Pool(args.workers) as pool:
         results = pool.map(evaluate, [(s, args.fit_hours) for s in scenarios], chunksize=1)
     elapsed = time.monotonic() - began
-    print("| scenario | model known | spotctl | Uniform Progress | misses |")
+    label = "model known" if args.fit_hours is None else f"model fitted to {args.fit_hours:g} h"
+    print(f"| scenario | {label} | spotctl | Uniform Progress | misses |")
     print("| --- | --- | --- | --- | --- |")
     for r in results:
         print(
