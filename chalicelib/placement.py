@@ -316,7 +316,16 @@ def _runs(observations: Sequence[CapacityObservation]) -> dict[str, _Run]:
         elif o.seen is Seen.LEFT:
             run = run._replace(left=o.at)
         runs[o.instance_id] = run
-    return runs
+    # An instance found gone unwarned is recorded as reclaimed, at once and for every
+    # job; when its workload's exit report comes later, its job records the end as
+    # its own, at the same instant. That end explains the loss: no reclaim. (A
+    # warning ahead of the end was EC2's: that one stays a reclaim.)
+    return {
+        iid: run._replace(went=None)
+        if run.went is not None and run.left is not None and run.left <= run.went
+        else run
+        for iid, run in runs.items()
+    }
 
 
 class _Event(NamedTuple):

@@ -28,7 +28,17 @@ from chalicelib.errors import (
     RequestTooLarge,
 )
 from chalicelib.log import logger
-from chalicelib.models import ENDED_FAILED, Attempt, Job, JobSpec, JobState, is_job_id, iso
+from chalicelib.models import (
+    ENDED_COMPLETED,
+    ENDED_FAILED,
+    ENDED_RECLAIMED,
+    Attempt,
+    Job,
+    JobSpec,
+    JobState,
+    is_job_id,
+    iso,
+)
 from chalicelib.reconcile import Reconciler, note_rebalance
 from chalicelib.store import MAX_PAGE, JobStore
 
@@ -309,6 +319,11 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
                     f"restart {restarts} of {job.spec.max_restarts_on_errors}"
                 )
                 return job.with_event(now, "agent-exited", detail, report.attempt)
+            if attempt.end_reason == ENDED_RECLAIMED:
+                # Its instance was found gone unwarned before this report: the
+                # workload's exit (its agent shuts the instance down) was the end.
+                ended = attempt.model_copy(update={"end_reason": ENDED_COMPLETED})
+                job = job.replace_attempt(ended)
             update = {"exit_code": report.exit_code, "exit_attempt": report.attempt}
             job = job.model_copy(update=update)
             detail = f"exit code {report.exit_code}"

@@ -208,3 +208,52 @@ def test_a_batched_recovery_shares_the_reclaim_with_one_write_for_the_pool(
     views.clear()
     env.submit(**ONE_POOL, name="after")
     assert len(quote_of_p(views[-1]).interruptions) == 1
+
+
+def vanished_then_explained(env: Env, exit_code: int, **spec: Any) -> str:
+    """A job whose instance went unwarned (its agent shut it down) and was relaunched
+    before the workload's exit report, sent the agent's way: late."""
+    job = env.submit(**ONE_POOL, **spec)
+    job_id, first = job["job_id"], job["attempts"][0]["instance_id"]
+    env.clock.advance(60)
+    env.cloud.state_change(first, "running")
+    env.clock.advance(HOUR)
+    env.ec2.terminate_instances(InstanceIds=[first])
+    env.cloud.state_change(first, "terminated")
+    second = env.job(job_id)["attempts"][1]["instance_id"]
+    env.clock.advance(60)
+    env.cloud.state_change(second, "running")
+    # Until the report comes, the vanished instance is a reclaim, for every job.
+    assert [o.instance_id for o in pool_record() if o.seen is placement.Seen.INTERRUPTED] == [first]
+    env.clock.advance(30)
+    env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": exit_code})
+    return str(job_id)
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "spec", "state", "end_reason"),
+    [
+        (3, {"max_restarts_on_errors": 1}, "RUNNING", "failed"),  # that was the restart
+        (0, {}, "SUCCEEDED", "completed"),
+        (3, {}, "FAILED", "completed"),
+    ],
+)
+def test_an_exit_reported_after_the_instance_went_is_no_interruption(
+    env: Env,
+    views: list[policy.PlacementView],
+    exit_code: int,
+    spec: dict[str, Any],
+    state: str,
+    end_reason: str,
+) -> None:
+    job_id = vanished_then_explained(env, exit_code, **spec)
+    job = env.job(job_id)
+    assert job["state"] == state
+    assert job["interruptions"] == 0
+    assert job["attempts"][0]["end_reason"] == end_reason
+
+    views.clear()
+    env.submit(**ONE_POOL, name="second")
+    p = quote_of_p(views[-1])
+    assert p.interruptions == ()  # the fleet's record told the exit too
+    assert p.spell_hours == ()  # a spell we ended tells nothing of how long spot lasts

@@ -162,6 +162,18 @@ ROWS = [
         availability=1.0,
     ),
     Row(
+        "an instance found gone, then its workload's exit reported: no interruption",
+        (*ran("i-x", NOW - 5 * H, NOW - 3 * H), left("i-x", NOW - 5 * H, NOW - 3 * H)),
+        availability=1.0,
+    ),
+    Row(
+        "warned before its job ended it: the interruption stands",
+        (*ran("i-x", NOW - 5 * H, NOW - 3 * H - 60), left("i-x", NOW - 5 * H, NOW - 3 * H)),
+        spells=(2.0 - 60 / H,),
+        interruptions=(3.0 + 60 / H,),
+        availability=(2 * H - 60) / (2 * H - 60 + MEMORY),
+    ),
+    Row(
         "less than an hour of known state in the window: no availability",
         ran("i-x", NOW - 40 * 60, NOW - 20 * 60),
         spells=(1 / 3,),
