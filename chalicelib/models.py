@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 from chalicelib.pricing import ON_DEMAND_USD_PER_HOUR
 
@@ -76,6 +76,8 @@ MAX_COMMAND_BYTES = 4096
 MAX_INSTANCE_TYPES = 20
 MAX_INSTANCE_TYPE_CHARS = 32
 MAX_S3_KEY_BYTES = 1024  # S3's own limit on a key
+MAX_EXIT_CODES = 32  # recover_on_exit_codes listed
+MAX_EXIT_CODE_RESTARTS = 100  # restarts on listed exit codes, per job
 
 
 def is_job_id(value: str) -> bool:
@@ -126,6 +128,12 @@ class JobSpec(BaseModel):
     # A workload that exits non-zero is started again (on a new instance, from its
     # volume and so its last checkpoint) this many times before the job fails.
     max_restarts_on_errors: int = Field(default=0, ge=0, le=10)
+    # Exit codes the workload uses to ask to be started again (a transient fault it
+    # recognised: an NCCL timeout, a lost GPU): these restart it whatever
+    # max_restarts_on_errors says and do not use up its restarts, up to
+    # MAX_EXIT_CODE_RESTARTS in all (each is a new instance: a brake on a code that
+    # comes back every time).
+    recover_on_exit_codes: tuple[StrictInt, ...] = Field(default=(), max_length=MAX_EXIT_CODES)
     checkpoint: CheckpointSettings = CheckpointSettings()
 
     @field_validator("command")
@@ -137,6 +145,23 @@ class JobSpec(BaseModel):
             raise ValueError("contains a NUL byte")
         if not value[0]:
             raise ValueError("the program (first element) is empty")
+        return value
+
+    @field_validator("recover_on_exit_codes", mode="before")
+    @classmethod
+    def _one_exit_code(cls, value: object) -> object:
+        return [value] if type(value) is int else value  # one code, as SkyPilot allows
+
+    @field_validator("recover_on_exit_codes")
+    @classmethod
+    def _exit_codes(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        for code in value:
+            if code == 0:
+                raise ValueError("0 is success: a workload that exits 0 is done")
+            if not 1 <= code <= 255:
+                raise ValueError(f"{code} is not an exit code (1-255)")
+        if len(set(value)) != len(value):
+            raise ValueError("lists a code twice")
         return value
 
     @field_validator("image")
@@ -351,6 +376,8 @@ class Job(BaseModel):
     exit_code: int | None = None
     exit_attempt: int | None = None
     error_restarts: int = 0  # times the workload was started again after a failure
+    # ... after an exit with one of the spec's recover_on_exit_codes (not counted above)
+    exit_code_restarts: int = 0
     cancel_requested_at: float | None = None
     delete_volume_on_cancel: bool = False
     data_synced_at: float | None = None  # the agent's last checkpoint sync to S3
@@ -371,6 +398,33 @@ class Job(BaseModel):
     def replace_attempt(self, updated: Attempt) -> Job:
         attempts = tuple(updated if a.number == updated.number else a for a in self.attempts)
         return self.model_copy(update={"attempts": attempts})
+
+    def restart_for(self, code: int | None) -> Literal["exit-code", "error"] | None:
+        """Which allowance starts the workload again after it exited with ``code``:
+        the spec's recover_on_exit_codes, its max_restarts_on_errors, or none."""
+        if code in (None, 0):
+            return None
+        listed = code in self.spec.recover_on_exit_codes
+        if listed and self.exit_code_restarts < MAX_EXIT_CODE_RESTARTS:
+            return "exit-code"
+        if self.error_restarts < self.spec.max_restarts_on_errors:
+            return "error"
+        return None
+
+    def restarted(self, code: int | None) -> tuple[Job, str]:
+        """The job with the restart after an exit with ``code`` counted, and how to
+        tell it ("restart 1 of 2"). Only for a ``code`` that :meth:`restart_for`
+        allows."""
+        kind = self.restart_for(code)
+        if kind == "exit-code":
+            n = self.exit_code_restarts + 1
+            told = f"restart {n} on a listed exit code (at most {MAX_EXIT_CODE_RESTARTS})"
+            return self.model_copy(update={"exit_code_restarts": n}), told
+        if kind == "error":
+            n = self.error_restarts + 1
+            told = f"restart {n} of {self.spec.max_restarts_on_errors}"
+            return self.model_copy(update={"error_restarts": n}), told
+        raise ValueError(f"exit code {code}: no restart left")
 
     def cost(self, now: float) -> float:
         return sum(a.cost(now) for a in self.attempts)

@@ -102,6 +102,7 @@ def _schemas() -> dict[str, Any]:
             "saved_usd": {"type": "number"},
             "exit_code": {"type": ["integer", "null"]},
             "error_restarts": {"type": "integer"},
+            "exit_code_restarts": {"type": "integer"},
             "failure": {"type": ["string", "null"]},
             "wait_until": {"type": ["string", "null"], "format": "date-time"},
             "events": {"type": "array", "items": {"type": "object"}},

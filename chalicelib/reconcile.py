@@ -438,8 +438,16 @@ def _complete(job: Job, observed: Observed, now: float, terminate: list[str]) ->
     update: dict[str, object] = {"state": state}
     if code != 0:
         failure = f"the workload exited with code {code}"
-        if job.error_restarts:
-            failure += f", after {job.error_restarts} restart(s) on errors"
+        restarts = [
+            f"{n} restart(s) on {what}"
+            for n, what in (
+                (job.error_restarts, "errors"),
+                (job.exit_code_restarts, "listed exit codes"),
+            )
+            if n
+        ]
+        if restarts:
+            failure += ", after " + " and ".join(restarts)
         update["failure"] = failure
     job = job.model_copy(update=update).with_event(now, state.value.lower(), f"exit code {code}")
     return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
@@ -447,7 +455,7 @@ def _complete(job: Job, observed: Observed, now: float, terminate: list[str]) ->
 
 def _restarts_after_error(job: Job) -> bool:
     """Whether the workload exited non-zero and the spec allows starting it again."""
-    return job.exit_code not in (None, 0) and job.error_restarts < job.spec.max_restarts_on_errors
+    return job.restart_for(job.exit_code) is not None
 
 
 def _restart_after_error(
@@ -468,10 +476,11 @@ def _restart_after_error(
     orphans: tuple[Action, ...] = ()
     if pending:
         orphans = (TerminateLaunched(tuple(a.number for a in pending)),)
-    code, restart = job.exit_code, job.error_restarts + 1
-    update = {"exit_code": None, "exit_attempt": None, "error_restarts": restart}
-    job = job.model_copy(update={**update, "state": JobState.RECOVERING})
-    detail = f"exit code {code}; restart {restart} of {job.spec.max_restarts_on_errors}"
+    code = job.exit_code
+    job, told = job.restarted(code)
+    update = {"exit_code": None, "exit_attempt": None, "state": JobState.RECOVERING}
+    job = job.model_copy(update=update)
+    detail = f"exit code {code}; {told}"
     job = job.with_event(now, "restarting-after-error", detail)
     decision = _next_attempt(job, observed, now, terminate)
     return replace(decision, actions=(*orphans, *decision.actions))

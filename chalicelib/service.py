@@ -312,12 +312,8 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
                 # Its instance went before its report came, and a relaunch has started
                 # the workload again already: that was the restart.
                 failed = attempt.model_copy(update={"end_reason": ENDED_FAILED})
-                restarts = job.error_restarts + 1
-                job = job.replace_attempt(failed).model_copy(update={"error_restarts": restarts})
-                detail = (
-                    f"exit code {report.exit_code}, after a relaunch: "
-                    f"restart {restarts} of {job.spec.max_restarts_on_errors}"
-                )
+                job, told = job.replace_attempt(failed).restarted(report.exit_code)
+                detail = f"exit code {report.exit_code}, after a relaunch: {told}"
                 return job.with_event(now, "agent-exited", detail, report.attempt)
             if attempt.end_reason == ENDED_RECLAIMED:
                 # Its instance was found gone unwarned before this report: the
@@ -341,11 +337,10 @@ def _replaced_failure_restarts(job: Job, attempt: Attempt, report: AgentReport) 
     another counts as a restart on errors (the spec has one left)."""
     current = job.current
     return (
-        report.exit_code not in (None, 0)
-        and attempt.ended
+        attempt.ended
         and current is not None
         and current.number > attempt.number
-        and job.error_restarts < job.spec.max_restarts_on_errors
+        and job.restart_for(report.exit_code) is not None
     )
 
 
@@ -378,6 +373,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "saved_usd": round(on_demand - cost, 4),
         "exit_code": job.exit_code,
         "error_restarts": job.error_restarts,
+        "exit_code_restarts": job.exit_code_restarts,
         "failure": job.failure,
         "wait_until": iso(job.wait_until),
         "attempts": [

@@ -186,6 +186,10 @@ def render_status(job: dict[str, Any]) -> str:
     allowed = job.get("spec", {}).get("max_restarts_on_errors", 0)
     if allowed:
         lines.append(f"  restarts on errors: {job.get('error_restarts', 0)} of {allowed}")
+    listed = job.get("spec", {}).get("recover_on_exit_codes")
+    if listed:
+        codes = ", ".join(map(str, listed))
+        lines.append(f"  restarts on exit codes {codes}: {job.get('exit_code_restarts', 0)}")
     if job.get("volume"):
         lines.append(f"  volume {job['volume']['volume_id']} in {job['volume']['az']}")
     lines.append("attempts:")

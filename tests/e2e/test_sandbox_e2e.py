@@ -109,8 +109,16 @@ def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reord
     assert_nothing_left(sandbox, ports, states)
 
 
+@pytest.mark.parametrize(
+    ("allowance", "counted", "told"),
+    [
+        ({"max_restarts_on_errors": 1}, (1, 0), "  restarts on errors: 1 of 1"),
+        ({"recover_on_exit_codes": [1]}, (0, 1), "  restarts on exit codes 1: 1"),
+    ],
+    ids=["max_restarts_on_errors", "recover_on_exit_codes"],
+)
 def test_a_workload_that_fails_once_is_restarted_and_ends_with_identical_weights(
-    tmp_path: Path,
+    tmp_path: Path, allowance: dict[str, Any], counted: tuple[int, int], told: str
 ) -> None:
     expected = reference_weights(tmp_path)
     trace = write_trace(tmp_path, "us-west-2a_v100_1.json", 600, [0] * 6)  # never interrupted
@@ -118,7 +126,7 @@ def test_a_workload_that_fails_once_is_restarted_and_ends_with_identical_weights
     with sandbox:
         ports = sandbox.ports()
         crash = ("--step-delay=0.03", "--crash-once-at-step=70")
-        job = submit(sandbox, "e2e-restart", *crash, max_restarts_on_errors=1)
+        job = submit(sandbox, "e2e-restart", *crash, **allowance)
         job, final, states = run_to_the_end(sandbox, job["job_id"])
         logs = [
             (sandbox.emulator.instance_dir(a["instance_id"]) / "log" / "workload.log").read_text()
@@ -127,9 +135,9 @@ def test_a_workload_that_fails_once_is_restarted_and_ends_with_identical_weights
     assert job["state"] == "SUCCEEDED", json.dumps(job["events"], indent=1)
     assert "crashing at step 70" in logs[0], logs[0]
     assert "resumed from step 60" in logs[1], logs[1]  # the volume's checkpoint
-    assert (job["exit_code"], job["error_restarts"]) == (0, 1)
+    assert (job["exit_code"], job["error_restarts"], job["exit_code_restarts"]) == (0, *counted)
     assert [a["end_reason"] for a in job["attempts"]] == ["failed", "completed"]
-    assert "  restarts on errors: 1 of 1" in render_status(job).splitlines()
+    assert told in render_status(job).splitlines()
     assert interruptions(job) == []
     assert final["weights_sha256"] == expected
     assert_nothing_left(sandbox, ports, states)

@@ -116,6 +116,9 @@ valid_spec = st.fixed_dictionaries(
         "expected_hours": st.floats(min_value=0.01, max_value=1000),
         "max_price_per_hour": st.floats(min_value=0.01, max_value=100),
         "max_restarts_on_errors": st.integers(min_value=0, max_value=10),
+        "recover_on_exit_codes": st.lists(
+            st.integers(min_value=1, max_value=255), max_size=4, unique=True
+        ),
         "deadline": st.sampled_from(["2027-01-01T00:00:00Z", "2029-06-30T12:00:00+02:00"]),
         "checkpoint": st.fixed_dictionaries(
             {},
@@ -141,6 +144,7 @@ SPEC_FIELDS = [
     "expected_hours",
     "max_price_per_hour",
     "max_restarts_on_errors",
+    "recover_on_exit_codes",
     "deadline",
     "checkpoint",
 ]

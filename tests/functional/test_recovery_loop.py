@@ -237,6 +237,39 @@ def test_a_failed_workload_is_restarted_on_a_new_instance_with_its_volume(env: E
     env.cloud.assert_invariants(job_id)
 
 
+def test_a_listed_exit_code_restarts_without_using_up_the_restarts_on_errors(env: Env) -> None:
+    job_id, first, volume_id = running_job(env, recover_on_exit_codes=29)
+    assert env.job(job_id)["spec"]["recover_on_exit_codes"] == [29]
+
+    env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 29})
+    env.cloud.state_change(first, "terminated")
+    second = env.job(job_id)["attempts"][1]["instance_id"]
+    env.cloud.state_change(second, "running")
+    assert_recovered(env, job_id, volume_id, first)
+    job = env.job(job_id)
+    assert (job["error_restarts"], job["exit_code_restarts"], job["exit_code"]) == (0, 1, None)
+    assert job["attempts"][0]["end_reason"] == "failed"
+
+    # Its exit reported after its instance went and the job relaunched: still a restart.
+    env.ec2.terminate_instances(InstanceIds=[second])
+    env.cloud.state_change(second, "terminated")
+    third = env.job(job_id)["attempts"][2]["instance_id"]
+    env.cloud.state_change(third, "running")
+    env.report(job_id, {"attempt": 2, "kind": "exited", "exit_code": 29})
+    job = env.job(job_id)
+    assert (job["state"], job["exit_code_restarts"], job["interruptions"]) == ("RUNNING", 2, 0)
+
+    # Any other non-zero code is an error, and this job allows no restart on errors.
+    env.report(job_id, {"attempt": 3, "kind": "exited", "exit_code": 1})
+    job = env.job(job_id)
+    assert job["state"] == "FAILED"
+    assert job["failure"] == (
+        "the workload exited with code 1, after 2 restart(s) on listed exit codes"
+    )
+    assert env.cloud.live_instances(job_id) == []
+    assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+
+
 def test_a_failure_reported_after_its_relaunch_counts_as_the_restart(env: Env) -> None:
     job_id, first, volume_id = running_job(env, max_restarts_on_errors=1)
     env.ec2.terminate_instances(InstanceIds=[first])  # the agent's shutdown came first

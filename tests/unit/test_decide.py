@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from chalicelib import models
 from chalicelib.ec2 import InstanceView, SnapshotView, VolumeView
 from chalicelib.models import (
     Attempt,
@@ -319,6 +320,33 @@ ROWS = [
     Row(
         "exit 2 with its restarts used up: failed",
         FAILED_1.model_copy(update={"error_restarts": 1}),
+        Observed(instances(**{"i-1": "running"}), volume()),
+        JobState.FAILED,
+        [Terminate],
+    ),
+    Row(
+        "exit 2 listed in recover_on_exit_codes, no restarts on errors: started again",
+        FAILED_1.model_copy(update={"spec": spec(recover_on_exit_codes=(2,))}),
+        Observed(instances(**{"i-1": "terminated"}), volume("available", None), HOME_PRICES),
+        JobState.RECOVERING,
+        [Launch],
+        attempts=2,
+    ),
+    Row(
+        "exit 2 listed, after as many listed restarts as are allowed: failed",
+        FAILED_1.model_copy(
+            update={
+                "spec": spec(recover_on_exit_codes=(2,)),
+                "exit_code_restarts": models.MAX_EXIT_CODE_RESTARTS,
+            }
+        ),
+        Observed(instances(**{"i-1": "running"}), volume()),
+        JobState.FAILED,
+        [Terminate],
+    ),
+    Row(
+        "exit 2 not listed (3 is), no restarts on errors: failed",
+        FAILED_1.model_copy(update={"spec": spec(recover_on_exit_codes=(3,))}),
         Observed(instances(**{"i-1": "running"}), volume()),
         JobState.FAILED,
         [Terminate],
@@ -726,3 +754,29 @@ def test_after_a_failed_move_the_job_stays_home_for_a_while() -> None:
     later = decide(ended, Observed({}, FREE, PRICES), NOW + 600)
     assert later.job.move is None
     assert later.job.attempts[-1].candidates[0].pool.az == AZ
+
+
+def test_listed_exit_codes_restart_without_using_up_the_restarts_on_errors() -> None:
+    gone = Observed(instances(**{"i-1": "terminated"}), volume("available", None), HOME_PRICES)
+    listed = FAILED_1.model_copy(
+        update={"spec": spec(max_restarts_on_errors=1, recover_on_exit_codes=(2,))}
+    )
+    after = decide(listed, gone, NOW).job
+    assert (after.error_restarts, after.exit_code_restarts) == (0, 1)
+    told = f"exit code 2; restart 1 on a listed exit code (at most {models.MAX_EXIT_CODE_RESTARTS})"
+    assert after.timeline[-2].detail == told
+    # Another code is an error: it uses the restart on errors, then the job fails.
+    crashed = after.model_copy(update={"exit_code": 1, "exit_attempt": 2})
+    up = Observed(instances(**{"i-2": "terminated"}), volume("available", None), HOME_PRICES)
+    again = decide(crashed, up, NOW).job
+    assert (again.state, again.error_restarts, again.exit_code_restarts) == (
+        JobState.RECOVERING,
+        1,
+        1,
+    )
+    final = decide(again.model_copy(update={"exit_code": 1, "exit_attempt": 3}), up, NOW).job
+    assert final.state is JobState.FAILED
+    assert final.failure == (
+        "the workload exited with code 1, "
+        "after 1 restart(s) on errors and 1 restart(s) on listed exit codes"
+    )
