@@ -1243,7 +1243,13 @@ class Reconciler:
         attempt = job.attempt(number)
         assert attempt is not None
         settings = self.launch_settings()
-        user_data = self.render_user_data(job, attempt)
+        try:
+            user_data = self.render_user_data(job, attempt)
+        except ValueError as exc:
+            # Submission refuses what cannot render; a job stored before that check,
+            # or one the agent's files outgrew since, fails clearly, not every pass.
+            job = _end_attempt(job, attempt, ENDED_LAUNCH_FAILED, now)
+            return _fail(job, now, f"its instance's user data cannot be made: {exc}")
         errors: list[str] = []
         for index, candidate in enumerate(attempt.candidates):
             tags = {

@@ -36,6 +36,7 @@ from chalicelib.models import (
     Job,
     JobSpec,
     JobState,
+    Volume,
     is_job_id,
     iso,
 )
@@ -47,6 +48,9 @@ ReportKind = Literal["started", "checkpoint_synced", "rebalance", "interrupted",
 # What a request may carry. API Gateway's own ceilings are 10 MB of body and 10 KB of
 # headers; a job spec is a few hundred bytes, so ours are far lower.
 MAX_BODY_BYTES = 64 * 1024
+# What the submission's user data check renders in place of what a launch knows.
+LONGEST_VOLUME_ID = "vol-" + "f" * 17
+FAR_ATTEMPT = 10**6
 MAX_HEADER_BYTES = 8 * 1024
 MAX_AUTHORIZATION_CHARS = 512
 MAX_JSON_DEPTH = 8
@@ -244,6 +248,7 @@ class JobService:
             updated_at=now,
             secret_hash=hash_secret(derive_secret(self.signing_key(), job_id)),
         ).with_event(now, "submitted", spec.name)
+        self._check_user_data(job, now)
         self.store.create(job)
         logger.info("job submitted", extra={"job_id": job_id})
         return self._reconcile_best_effort(job)
@@ -289,6 +294,19 @@ class JobService:
         if job.attempt(report.attempt) is None:
             raise InvalidJobSpec(f"attempt: job {job_id} has no attempt {report.attempt}")
         return self.reconciler.reconcile(job_id, _report_signal(report))
+
+    def _check_user_data(self, job: Job, now: float) -> None:
+        """Refuse a job whose instances' user data would be over EC2's 16 KB (its
+        command is what varies): rendered as the job's longest could be, with the
+        longest volume id and a far attempt number."""
+        zone = (job.spec.availability_zones or ("us-east-1a",))[0]
+        volume = Volume(volume_id=LONGEST_VOLUME_ID, az=zone, created_by_spotctl=True)
+        probe = job.model_copy(update={"volume": volume})
+        attempt = Attempt(number=FAR_ATTEMPT, reason="", candidates=(), requested_at=now)
+        try:
+            self.reconciler.render_user_data(probe, attempt)
+        except ValueError as exc:
+            raise InvalidJobSpec(f"command: {exc}") from None
 
     def _reconcile_best_effort(self, job: Job) -> Job:
         try:

@@ -268,3 +268,23 @@ def test_cancel_with_a_bad_flag_is_400_and_changes_nothing(env: Env) -> None:
     response = env.client.http.delete(f"/jobs/{job_id}?delete_volume=maybe")
     assert response.status_code == 400
     assert env.job(job_id) == before
+
+
+def test_a_command_that_would_not_fit_in_the_user_data_is_rejected_and_writes_nothing(
+    env: Env,
+) -> None:
+    # Within the spec's own limit (4 KB), but the instance's user data is 16 KB in all
+    # and the agent's files take most of it.
+    long = [
+        "python",
+        "-c",
+        "import sys; print(sys.argv)",
+        *[f"--flag{i}=" + "v" * 40 for i in range(70)],
+    ]
+    response = post_raw(env, json.dumps({**VALID, "command": long}))
+    assert response.status_code == 400, response.body
+    message = json.loads(response.body)["Message"]
+    assert "command" in message and "16384" in message
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    assert env.ec2.describe_volumes()["Volumes"] == []
+    assert env.ec2.describe_instances()["Reservations"] == []

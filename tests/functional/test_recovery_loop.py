@@ -371,3 +371,30 @@ def test_no_capacity_anywhere_waits_and_the_sweep_retries_later(env: Env) -> Non
     assert job["state"] == "PROVISIONING"
     assert [a["end_reason"] for a in job["attempts"]] == ["launch-failed", None]
     assert len(env.cloud.live_instances(job_id)) == 1
+
+
+def test_a_stored_job_whose_user_data_cannot_be_made_fails_clearly(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = {"g4dn.xlarge", "g5.xlarge"}
+    refuse_capacity(refused)
+    job_id = env.submit()["job_id"]
+    assert env.job(job_id)["state"] == "WAITING"
+    refused.clear()
+
+    # The agent's files grew past what this job's command leaves room for (a deploy
+    # since it was submitted): its launch can never be made.
+    def too_big(job: Any, attempt: Any) -> str:
+        raise ValueError("user data is 17000 bytes, over EC2's 16384")
+
+    monkeypatch.setattr(runtime.control_plane().reconciler, "render_user_data", too_big)
+    env.clock.advance(301)
+    env.cloud.sweep()
+    job = env.job(job_id)
+    assert job["state"] == "FAILED"
+    assert "user data" in job["failure"] and "16384" in job["failure"]
+    assert [a["end_reason"] for a in job["attempts"]] == ["launch-failed", "launch-failed"]
+    assert env.cloud.instances(job_id) == []
+    assert env.ec2.describe_volumes(VolumeIds=[job["volume"]["volume_id"]])["Volumes"]
+    env.cloud.sweep()  # and the next pass leaves it be
+    assert env.job(job_id)["state"] == "FAILED"
