@@ -107,7 +107,7 @@ def build(config: Config) -> ControlPlane:
         clock=time.time,
         fleet=fleet,
     )
-    service = JobService(store, reconciler, secrets.signing_key, time.time)
+    service = JobService(store, reconciler, secrets.signing_key, time.time, region=config.region)
     return ControlPlane(config, store, reconciler, service)
 
 

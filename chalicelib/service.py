@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -233,12 +234,31 @@ class JobService:
     signing_key: Callable[[], str]
     clock: Callable[[], float]
     new_id: Callable[[], str] = new_job_id
+    region: str | None = None  # the deployment's: a job's zones must be in it
 
     def submit(self, body: Any) -> Job:
         spec = parse_model(JobSpec, body)
         now = self.clock()
         if spec.deadline is not None and spec.deadline.timestamp() <= now:
             raise InvalidJobSpec("deadline: is in the past")
+        if spec.deadline is not None and spec.expected_hours is not None:
+            hours = (spec.deadline.timestamp() - now) / 3600.0
+            if spec.expected_hours >= hours:
+                raise InvalidJobSpec(
+                    f"deadline: {hours:.2f} h away, and expected_hours is "
+                    f"{spec.expected_hours:g}: not even on-demand could finish in time"
+                )
+        if self.region is not None:
+            alien = [
+                z
+                for z in spec.availability_zones or ()
+                if not re.fullmatch(re.escape(self.region) + "[a-z]", z)
+            ]
+            if alien:
+                raise InvalidJobSpec(
+                    f"availability_zones: {', '.join(alien)} not in this deployment's "
+                    f"region, {self.region}"
+                )
         job_id = self.new_id()
         job = Job(
             job_id=job_id,

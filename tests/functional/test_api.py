@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -288,3 +289,27 @@ def test_a_command_that_would_not_fit_in_the_user_data_is_rejected_and_writes_no
     assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
     assert env.ec2.describe_volumes()["Volumes"] == []
     assert env.ec2.describe_instances()["Reservations"] == []
+
+
+def test_zones_outside_the_deployment_region_are_rejected_and_write_nothing(env: Env) -> None:
+    response = post_raw(
+        env, json.dumps({**VALID, "availability_zones": ["us-east-1a", "us-west-2a"]})
+    )
+    assert response.status_code == 400
+    message = json.loads(response.body)["Message"]
+    assert message == ("availability_zones: us-west-2a not in this deployment's region, us-east-1")
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    assert env.ec2.describe_volumes()["Volumes"] == []
+
+
+def test_a_deadline_not_even_on_demand_could_meet_is_rejected_and_writes_nothing(env: Env) -> None:
+    soon = datetime.fromtimestamp(env.clock.now + 3 * 3600, UTC).isoformat()
+    response = post_raw(env, json.dumps({**VALID, "deadline": soon, "expected_hours": 3}))
+    assert response.status_code == 400
+    message = json.loads(response.body)["Message"]
+    assert message.startswith("deadline: 3.00 h away, and expected_hours is 3")
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    assert env.ec2.describe_volumes()["Volumes"] == []
+    # An hour more to spare: accepted.
+    response = post_raw(env, json.dumps({**VALID, "deadline": soon, "expected_hours": 2}))
+    assert response.status_code == 201
