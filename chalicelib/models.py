@@ -12,7 +12,15 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 from chalicelib.pricing import ON_DEMAND_USD_PER_HOUR
 
@@ -69,6 +77,7 @@ _IP_ADDRESS = re.compile(r"\d+\.\d+\.\d+\.\d+")
 _RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _IMAGE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}")
 JOB_ID = re.compile(r"j-[0-9a-f]{16}")
 
@@ -77,6 +86,9 @@ MAX_INSTANCE_TYPES = 20
 MAX_INSTANCE_TYPE_CHARS = 32
 MAX_S3_KEY_BYTES = 1024  # S3's own limit on a key
 MAX_EXIT_CODES = 32  # recover_on_exit_codes listed
+MAX_ENV_VARS = 64
+MAX_ENV_VALUE_BYTES = 4096  # each; the user data's 16 KB bounds them all together
+ENV_RESERVED_PREFIX = "SPOTCTL_"  # the agent's own variables
 MAX_EXIT_CODE_RESTARTS = 100  # restarts on listed exit codes, per job
 
 
@@ -134,7 +146,24 @@ class JobSpec(BaseModel):
     # MAX_EXIT_CODE_RESTARTS in all (each is a new instance: a brake on a code that
     # comes back every time).
     recover_on_exit_codes: tuple[StrictInt, ...] = Field(default=(), max_length=MAX_EXIT_CODES)
+    # Environment variables for the workload (in its container too); stored with the
+    # job and shipped in the instance's user data: no secrets (see the README).
+    env: dict[str, StrictStr] = Field(default_factory=dict, max_length=MAX_ENV_VARS)
     checkpoint: CheckpointSettings = CheckpointSettings()
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name[:64]!r} is not a variable name (like 'NCCL_DEBUG')")
+            if name.upper().startswith(ENV_RESERVED_PREFIX):
+                raise ValueError(f"{name}: names starting {ENV_RESERVED_PREFIX} are spotctl's")
+            if "\x00" in text:
+                raise ValueError(f"{name}: the value has a NUL character")
+            if len(text.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE_BYTES:
+                raise ValueError(f"{name}: the value is over {MAX_ENV_VALUE_BYTES} bytes")
+        return value
 
     @field_validator("command")
     @classmethod

@@ -73,6 +73,7 @@ def agent_params(job: Job, attempt: Attempt, config: Config, secret: str) -> Age
         grace_seconds=checkpoint.grace_seconds,
         stop_signal=checkpoint.stop_signal,
         sync_interval_seconds=checkpoint.sync_interval_seconds,
+        env=tuple(job.spec.env.items()),
     )
 
 

@@ -196,7 +196,7 @@ def _check_tree(body: Any) -> None:
         elif isinstance(value, dict):
             for key, item in value.items():
                 _check_text(key, where)
-                pending.append((item, depth + 1, key))
+                pending.append((item, depth + 1, key if where == "body" else f"{where}.{key}"))
         elif isinstance(value, list):
             pending.extend((item, depth + 1, where) for item in value)
 

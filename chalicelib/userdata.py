@@ -57,6 +57,7 @@ class AgentParams:
     grace_seconds: int = 90
     stop_signal: str = "TERM"
     sync_interval_seconds: int = 1800
+    env: tuple[tuple[str, str], ...] = ()  # the workload's variables, in the spec's order
 
 
 def shipped(name: str, text: str) -> str:
@@ -120,6 +121,7 @@ def params_document(params: AgentParams) -> dict[str, object]:
     """The JSON document the agent reads (user_data/agent.py Params.load)."""
     doc = asdict(params)
     doc["command"] = list(params.command)
+    doc["env"] = dict(params.env)
     doc["stop_signal"] = params.stop_signal.removeprefix("SIG")
     return doc
 

@@ -52,12 +52,14 @@ class Params:
     grace_seconds: int
     stop_signal: str
     sync_interval_seconds: int
+    env: dict[str, str]
 
     @classmethod
     def load(cls, path: str) -> Params:
         with open(path, encoding="utf-8") as f:
             doc: dict[str, Any] = json.load(f)
         doc["command"] = tuple(doc["command"])
+        doc["env"] = dict(doc.get("env") or {})
         doc["s3_prefix"] = (doc.get("s3_prefix") or "").rstrip("/") or None
         return cls(**doc)
 
@@ -277,6 +279,7 @@ class Workload:
 
     def launch(self, argv: list[str]) -> bool:
         env = dict(os.environ)
+        env.update(self.params.env)
         env.update(
             SPOTCTL_JOB_ID=self.params.job_id,
             SPOTCTL_ATTEMPT=str(self.params.attempt),
@@ -319,6 +322,8 @@ class Workload:
         argv += ["-v", f"{mount}:{mount}", "-e", f"SPOTCTL_JOB_ID={p.job_id}"]
         argv += ["-e", f"SPOTCTL_ATTEMPT={p.attempt}"]
         argv += ["-e", f"SPOTCTL_CHECKPOINT_DIR={self.checkpoint_dir}"]
+        for name in p.env:  # by name: docker takes the value from its own environment
+            argv += ["-e", name]
         return [*argv, str(p.image), *p.command]
 
     def poll(self) -> int | None:

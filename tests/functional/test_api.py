@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,18 @@ BAD_SPECS = [
     ("recover_on_exit_codes", {"recover_on_exit_codes": ["29"]}),
     ("recover_on_exit_codes", {"recover_on_exit_codes": [1.5]}),
     ("recover_on_exit_codes", {"recover_on_exit_codes": list(range(1, 34))}),
+    ("env", {"env": {"1X": "a"}}),
+    ("env", {"env": {"A-B": "a"}}),
+    ("env", {"env": {"": "a"}}),
+    ("env", {"env": {"SPOTCTL_JOB_ID": "x"}}),
+    ("env", {"env": {"spotctl_attempt": "x"}}),
+    ("env", {"env": {"A": "a\u0000b"}}),
+    ("env", {"env": {"A": 1}}),
+    ("env", {"env": {"A": None}}),
+    ("env", {"env": {"A": "v" * 4097}}),
+    ("env", {"env": {f"V{i}": "x" for i in range(65)}}),
+    ("env", {"env": ["A=1"]}),
+    ("env", {"env": "A=1"}),
     ("image", {"image": "bad image name"}),
     ("checkpoint.grace_seconds", {"checkpoint": {"grace_seconds": 600}}),
     ("checkpoint.directory", {"checkpoint": {"directory": "../etc"}}),
@@ -313,3 +327,28 @@ def test_a_deadline_not_even_on_demand_could_meet_is_rejected_and_writes_nothing
     # An hour more to spare: accepted.
     response = post_raw(env, json.dumps({**VALID, "deadline": soon, "expected_hours": 2}))
     assert response.status_code == 201
+
+
+def test_the_job_environment_is_shown_and_shipped_to_its_instance(env: Env) -> None:
+    variables = {"NCCL_DEBUG": "INFO", "ARGS": "--lr 3e-4 '$(id)'"}
+    response = post_raw(env, json.dumps({**VALID, "env": variables}))
+    assert response.status_code == 201
+    job = json.loads(response.body)
+    assert job["spec"]["env"] == variables
+    found = env.ec2.describe_instance_attribute(
+        InstanceId=job["attempts"][0]["instance_id"], Attribute="userData"
+    )
+    text = base64.b64decode(found["UserData"]["Value"]).decode()
+    match = re.search(r"^SPOTCTL_PARAMS_B64='([^']+)'$", text, re.MULTILINE)
+    assert match is not None
+    assert json.loads(base64.b64decode(match[1]))["env"] == variables
+
+
+def test_an_environment_too_big_for_the_user_data_is_rejected_and_writes_nothing(
+    env: Env,
+) -> None:
+    variables = {f"V{i}": "x" * 100 for i in range(30)}  # 3 KB: each within its limit
+    response = post_raw(env, json.dumps({**VALID, "env": variables}))
+    assert response.status_code == 400
+    assert "16384" in json.loads(response.body)["Message"]
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []

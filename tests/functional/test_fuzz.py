@@ -116,6 +116,13 @@ valid_spec = st.fixed_dictionaries(
         "expected_hours": st.floats(min_value=0.01, max_value=1000),
         "max_price_per_hour": st.floats(min_value=0.01, max_value=100),
         "max_restarts_on_errors": st.integers(min_value=0, max_value=10),
+        "env": st.dictionaries(
+            st.from_regex(r"[A-Z][A-Z0-9_]{0,10}", fullmatch=True).filter(
+                lambda name: not name.startswith("SPOTCTL_")
+            ),
+            st.text(printable, max_size=30),
+            max_size=4,
+        ),
         "recover_on_exit_codes": st.lists(
             st.integers(min_value=1, max_value=255), max_size=4, unique=True
         ),
@@ -145,6 +152,7 @@ SPEC_FIELDS = [
     "max_price_per_hour",
     "max_restarts_on_errors",
     "recover_on_exit_codes",
+    "env",
     "deadline",
     "checkpoint",
 ]

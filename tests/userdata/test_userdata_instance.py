@@ -383,3 +383,32 @@ def test_a_volume_copied_from_another_volumes_snapshot_is_restored(box: Instance
     ]
     assert len(downloads) == 1
     assert (box.mount / ".spotctl/volume-id").read_text().strip() == VOLUME_ID
+
+
+# Writes the variables it was given (and whether docker's own leaked in), then exits 0.
+ENV_RECORDER = """
+import json, os
+out = os.path.join(os.environ["SPOTCTL_CHECKPOINT_DIR"], "..", "env.json")
+keys = ("NCCL_DEBUG", "ARGS", "EMPTY", "SPOTCTL_JOB_ID", "SHIM_DIR")
+with open(out, "w") as f:
+    json.dump({k: os.environ.get(k) for k in keys}, f)
+"""
+JOB_ENV = (("NCCL_DEBUG", "INFO"), ("ARGS", "--lr '$(id)' \"x\"\n`id` $HOME"), ("EMPTY", ""))
+
+
+@pytest.mark.parametrize("image", [None, "train:1"])
+def test_the_job_environment_reaches_the_workload_byte_for_byte(
+    box: Instance, image: str | None
+) -> None:
+    command = python_workload(box, "env-recorder", ENV_RECORDER)
+    assert box.run(box.params(command, image=image, env=JOB_ENV)) == 0, box.agent_log()
+    seen = json.loads((box.mount / "env.json").read_text())
+    assert {k: seen[k] for k, _ in JOB_ENV} == dict(JOB_ENV)
+    assert seen["SPOTCTL_JOB_ID"] == "job-42"
+    if image is not None:
+        assert seen["SHIM_DIR"] is None  # a container sees only what -e passes
+        run = next(c["argv"] for c in box.calls("docker") if c["argv"][0] == "run")
+        # By name only: the values stay out of docker's argv (and ps).
+        for name, value in JOB_ENV:
+            assert run[run.index(name) - 1] == "-e"
+            assert all(value not in arg for arg in run if value)

@@ -137,7 +137,11 @@ def test_parameters_the_instance_cannot_use_are_refused(change: dict[str, object
 
 def test_parameters_and_files_round_trip_through_the_shell_slots() -> None:
     hostile = AgentParams(
-        **{**TYPICAL.__dict__, "command": ("sh", "-c", "echo '$(id)' `id`; x=\"$HOME\"\n")}
+        **{
+            **TYPICAL.__dict__,
+            "command": ("sh", "-c", "echo '$(id)' `id`; x=\"$HOME\"\n"),
+            "env": (("NCCL_DEBUG", "INFO"), ("ARGS", "--lr '$(id)' \"x\"\n`id`")),
+        }
     )
     text = render_user_data(hostile)
     doc = json.loads(base64.b64decode(slot(text, "SPOTCTL_PARAMS_B64")))
@@ -156,6 +160,7 @@ def test_parameters_and_files_round_trip_through_the_shell_slots() -> None:
         path.unlink()
     assert params.command == hostile.command
     assert params.secret == hostile.secret
+    assert params.env == dict(hostile.env)
 
 
 def test_the_shipped_agent_is_the_repositorys_without_comments_line_for_line() -> None:

@@ -80,7 +80,9 @@ def docker(argv: list[str]) -> int:
         return 0
     if argv[0] != "run":
         return 1
-    env = dict(os.environ)
+    # A container sees none of docker's environment but what -e passes (and the
+    # image's PATH, here the host's).
+    env = {"PATH": os.environ["PATH"]}
     i, name = 1, "unnamed"
     while argv[i].startswith("-"):
         flag = argv[i]
@@ -88,9 +90,12 @@ def docker(argv: list[str]) -> int:
             value = argv[i + 1]
             if flag == "--name":
                 name = value
-            if flag == "-e":
-                key, _, val = value.partition("=")
-                env[key] = val
+            if flag == "-e":  # NAME=VALUE, or NAME: the value of docker's own environment
+                key, equals, val = value.partition("=")
+                if equals:
+                    env[key] = val
+                elif key in os.environ:
+                    env[key] = os.environ[key]
             i += 2
         else:
             i += 1
