@@ -52,9 +52,30 @@ class ResourceMissing(SpotctlError):
     """An instance, volume or snapshot we recorded no longer exists."""
 
 
+# EC2's answers that say "not now" rather than "never": throttling, its own faults, a
+# quota or capacity that frees up. A pass that gets one fails and the next tries again.
+TRANSIENT_EC2_CODES = frozenset(
+    {
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottlingException",
+        "InternalError",
+        "InternalFailure",
+        "ServiceUnavailable",
+        "Unavailable",
+        "InsufficientVolumeCapacity",
+        "VolumeLimitExceeded",
+    }
+)
+
+
 class Ec2Failure(SpotctlError):
     """EC2 refused a call for a reason we do not handle specially."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
+
+    @property
+    def transient(self) -> bool:
+        return self.code in TRANSIENT_EC2_CODES

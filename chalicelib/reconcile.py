@@ -503,12 +503,23 @@ def _fail(job: Job, now: float, why: str) -> Job:
     return failed.with_event(now, "failed", why)
 
 
+MAX_VOLUMES_LOST = 3  # a job fails when it loses this many volumes
+
+
 def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
     """The job's volume is gone: restart from S3 on a new volume, or fail."""
     volume = job.volume
     assert volume is not None
     if not volume.created_by_spotctl or job.spec.results_s3_uri is None:
         job = _fail(job, now, f"volume {volume.volume_id} was lost and no S3 copy exists")
+        return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+    lost = 1 + sum(1 for e in job.timeline if e.kind == "volume-lost")
+    if lost >= MAX_VOLUMES_LOST:
+        # EBS loses a volume rarely; one after another means the next will go the same
+        # way (a snapshot whose key we may not use makes volumes that fail at once).
+        state = observed.volume.state if observed.volume is not None else "missing"
+        why = f"{lost} volumes lost, the last {volume.volume_id} ({state}): not making another"
+        job = _fail(job, now, why)
         return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
     job = job.model_copy(update={"volume": None, "move": None})
     job = job.with_event(now, "volume-lost", f"{volume.volume_id}; a new volume restores from S3")
@@ -894,14 +905,26 @@ class Reconciler:
                 decision = decide(job, observed, now, sweeping)
             job = decision.job
 
+            new_instances: list[tuple[str, int]] = []
+            # Instances that must go, first: a write-ahead below may end their attempts
+            # in the record, after which no pass would look at them again, so a
+            # terminate that failed then would leave one running (a stopped one holding
+            # the volume). Terminating twice is harmless.
+            terminates = [a for a in decision.actions if isinstance(a, Terminate)]
+            for action in terminates:
+                job = self._run(action, job, now, new_instances)
+
             written_ahead = (Launch, CreateSnapshot, LeaveOnDemand)
             if any(isinstance(a, written_ahead) for a in decision.actions) and job != stored:
                 # Write ahead: the attempt (or move) exists before the instance (or snapshot).
                 job = self._save(job, now)
                 stored = saved = job
 
-            new_instances: list[tuple[str, int]] = []
             for action in decision.actions:
+                if isinstance(action, Terminate):
+                    continue
+                if job.state.is_terminal() and not decision.job.state.is_terminal():
+                    break  # an action ended the job (it failed clearly): launch nothing more
                 job = self._run(action, job, now, new_instances)
 
             if job != stored or new_instances:
@@ -1139,9 +1162,15 @@ class Reconciler:
                     action.az, action.size_gib, action.snapshot_id, action.client_token, tags
                 )
             except (Ec2Failure, ResourceMissing) as exc:
-                if not action.for_move:
+                if action.for_move:
+                    return apply_move_failed(job, f"CreateVolume: {exc}", now)
+                if isinstance(exc, Ec2Failure) and exc.transient:
                     raise
-                return apply_move_failed(job, f"CreateVolume: {exc}", now)
+                # A snapshot that does not exist (or is too big, or whose key we may not
+                # use) will not create a volume on the next pass either.
+                if job.current is not None and not job.current.ended:
+                    job = _end_attempt(job, job.current, ENDED_LAUNCH_FAILED, now)
+                return _fail(job, now, f"its volume could not be created: {exc}")
             logger.info("volume created", extra={**log, "volume_id": volume_id})
             if action.for_move:
                 return apply_moved_volume_created(job, volume_id, now)
@@ -1184,7 +1213,15 @@ class Reconciler:
             logger.info("asked to leave", extra={**log, "instance_id": action.instance_id})
             return apply_leave_asked(job, action, now)
         self.calls.append("ec2:DeleteVolume")
-        self.ec2.delete_volume(action.volume_id)
+        try:
+            self.ec2.delete_volume(action.volume_id)
+        except (Ec2Failure, ResourceMissing) as exc:
+            if isinstance(exc, Ec2Failure) and exc.transient:
+                raise
+            # The job is cancelled either way; the volume stays, and the user is told.
+            timeline = tuple(e for e in job.timeline if e.kind != "volume-deleted")
+            job = job.model_copy(update={"timeline": timeline})
+            return job.with_event(now, "volume-kept", f"DeleteVolume: {exc}")
         return job
 
     def _snapshot(self, job: Job, action: CreateSnapshot, now: float) -> Job:
