@@ -83,6 +83,10 @@ from chalicelib.models import (
 from chalicelib.store import JobStore
 
 RETRY_LAUNCH_AFTER_SECONDS = 300.0  # WAITING: how long before the sweep tries again
+# A job's own volume_id attached to an instance not the job's: looked at again this
+# often, and the job fails after this long (the user's other work holds it).
+VOLUME_BUSY_RECHECK_SECONDS = 60.0
+VOLUME_BUSY_LIMIT_SECONDS = 1800.0
 # A job with a deadline whose launch EC2 refused plans again at the next sweep, while
 # the refusal is remembered (placement.CAPACITY_MEMORY_SECONDS): the policy then weighs
 # waiting against on-demand knowing spot is out, as the simulator's policy does.
@@ -238,6 +242,9 @@ def decide(job: Job, observed: Observed, now: float, sweeping: bool = False) -> 
         job = _adopt_existing_volume(job, observed, now)
         if job.state.is_terminal():
             return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+        if job.volume is None:  # attached elsewhere: launch nothing until it is free
+            update = {"state": JobState.WAITING, "wait_until": now + VOLUME_BUSY_RECHECK_SECONDS}
+            return Decision(job.model_copy(update=update), _terminate(terminate))
 
     if job.volume is not None and observed.volume is not None and observed.volume.gone:
         return _volume_lost(job, observed, now, terminate)
@@ -494,6 +501,16 @@ def _adopt_existing_volume(job: Job, observed: Observed, now: float) -> Job:
         return _fail(job, now, f"volume {volume_id} does not exist")
     if job.spec.availability_zones and volume.az not in job.spec.availability_zones:
         return _fail(job, now, f"volume {volume_id} is in {volume.az}, outside the job's zones")
+    if volume.attached_to is not None:
+        # Not to an instance of ours: nothing is launched before the volume is adopted.
+        busy = f"{volume_id} is attached to {volume.attached_to}, not this job's"
+        since = next((e.at for e in job.timeline if e.kind == "volume-busy"), None)
+        if since is None:
+            return job.with_event(now, "volume-busy", f"{busy}: waiting for it to be free")
+        if now - since >= VOLUME_BUSY_LIMIT_SECONDS:
+            minutes = VOLUME_BUSY_LIMIT_SECONDS / 60
+            return _fail(job, now, f"volume {busy}, still after {minutes:g} min")
+        return job
     adopted = Volume(volume_id=volume_id, az=volume.az, created_by_spotctl=False)
     return job.model_copy(update={"volume": adopted}).with_event(now, "volume-adopted", volume_id)
 
@@ -1200,6 +1217,18 @@ class Reconciler:
                 # The next event or the sweep tries again; nothing to undo.
                 logger.info("attach deferred", extra={**log, "reason": str(exc)})
                 return job
+            except Ec2Failure as exc:
+                if exc.transient:
+                    raise
+                # The device name taken by the image, the instance's limit on volumes:
+                # no later try does better. The instance goes; the job says why.
+                self.calls.append("ec2:TerminateInstances")
+                self.ec2.terminate((action.instance_id,))
+                for attempt in job.attempts:
+                    if attempt.instance_id == action.instance_id and not attempt.ended:
+                        job = _end_attempt(job, attempt, ENDED_LAUNCH_FAILED, now)
+                why = f"its volume could not be attached to {action.instance_id}: {exc}"
+                return _fail(job, now, why)
             logger.info("volume attached", extra={**log, "instance_id": action.instance_id})
             return apply_attached(job, action, now)
         if isinstance(action, Terminate):
@@ -1297,7 +1326,11 @@ class Reconciler:
             self.calls.append("ec2:RunInstances")
             try:
                 instance_id = self.ec2.run_instance(candidate, settings, user_data, tags)
-            except (InsufficientCapacity, SpotPriceTooLow) as exc:
+            except (InsufficientCapacity, SpotPriceTooLow, Ec2Failure) as exc:
+                if isinstance(exc, Ec2Failure) and exc.transient:
+                    raise
+                # This pool will not do (no capacity, or a type the AMI or account
+                # cannot run there): try the next; none left, the job waits and says why.
                 errors.append(f"{candidate.pool}: {exc}")
                 job = job.with_event(now, "launch-refused", f"{candidate.pool}: {exc}", number)
                 continue

@@ -155,3 +155,107 @@ def test_volumes_that_keep_failing_fail_the_job_after_three(env: Env) -> None:
     assert job["failure"].endswith("(error): not making another")
     assert [e["kind"] for e in job["events"]].count("volume-lost") == 2
     assert env.cloud.live_instances(job_id) == []
+
+
+def test_a_volume_attached_to_another_instance_is_waited_for_then_the_job_fails(
+    env: Env,
+) -> None:
+    volume_id = env.ec2.create_volume(AvailabilityZone="us-east-1b", Size=50)["VolumeId"]
+    image = env.ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    theirs = env.ec2.run_instances(
+        ImageId=image,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.micro",
+        Placement={"AvailabilityZone": "us-east-1b"},
+    )["Instances"][0]["InstanceId"]
+    env.ec2.attach_volume(VolumeId=volume_id, InstanceId=theirs, Device="/dev/sdg")
+    job_id = env.submit(volume_id=volume_id, volume_gib=None)["job_id"]
+    job = env.job(job_id)
+    assert job["state"] == "WAITING" and job["attempts"] == []
+    busy = [e["detail"] for e in job["events"] if e["kind"] == "volume-busy"]
+    assert busy == [
+        f"{volume_id} is attached to {theirs}, not this job's: waiting for it to be free"
+    ]
+    sweeps(env, 4, step=400.0)  # 27 min: still waiting, nothing launched
+    assert env.job(job_id)["state"] == "WAITING"
+    assert env.cloud.instances(job_id) == []
+    sweeps(env, 1, step=400.0)
+    job = env.job(job_id)
+    assert job["state"] == "FAILED"
+    assert job["failure"] == (
+        f"volume {volume_id} is attached to {theirs}, not this job's, still after 30 min"
+    )
+    assert env.cloud.instances(job_id) == []
+
+
+def test_a_volume_freed_while_waited_for_is_adopted(env: Env) -> None:
+    volume_id = env.ec2.create_volume(AvailabilityZone="us-east-1b", Size=50)["VolumeId"]
+    image = env.ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    theirs = env.ec2.run_instances(
+        ImageId=image,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.micro",
+        Placement={"AvailabilityZone": "us-east-1b"},
+    )["Instances"][0]["InstanceId"]
+    env.ec2.attach_volume(VolumeId=volume_id, InstanceId=theirs, Device="/dev/sdg")
+    job_id = env.submit(volume_id=volume_id, volume_gib=None)["job_id"]
+    env.ec2.detach_volume(VolumeId=volume_id, InstanceId=theirs)
+    sweeps(env, 1, step=120.0)
+    job = env.job(job_id)
+    assert job["state"] == "PROVISIONING"
+    assert job["volume"]["volume_id"] == volume_id
+    assert len(env.cloud.live_instances(job_id)) == 1
+
+
+ARCH = (
+    "InvalidParameterValue",
+    "The architecture 'arm64' of the specified instance type does not match the "
+    "architecture 'x86_64' of the specified AMI.",
+)
+
+
+def test_a_pool_ec2_will_not_launch_in_is_passed_over_for_the_next(env: Env) -> None:
+    code, message = ARCH
+    Refusal("RunInstances", code, message, when=lambda b: b.get("InstanceType") == "g5.xlarge")
+    env.cloud.set_spot_prices(
+        {("g5.xlarge", "us-east-1a"): 0.1, ("g4dn.xlarge", "us-east-1a"): 0.2}
+    )
+    job = env.submit(availability_zones=["us-east-1a"])
+    assert job["state"] == "PROVISIONING"
+    assert job["attempts"][0]["pool"] == "g4dn.xlarge@us-east-1a"
+    refused = [e["detail"] for e in job["events"] if e["kind"] == "launch-refused"]
+    assert refused == [f"g5.xlarge@us-east-1a: {code}: {message}"]
+
+
+def test_no_pool_ec2_will_launch_in_waits_saying_why(env: Env) -> None:
+    refusal = Refusal("RunInstances", "UnauthorizedOperation", "not authorized: ec2:RunInstances")
+    job = env.submit(availability_zones=["us-east-1a"])
+    assert job["state"] == "WAITING"
+    assert (
+        "UnauthorizedOperation"
+        in [e for e in job["events"] if e["kind"] == "waiting"][-1]["detail"]
+    )
+    refusal.on = False  # the operator fixes the role
+    sweeps(env, 1)
+    assert len(env.cloud.live_instances(job["job_id"])) == 1
+
+
+def test_a_volume_ec2_will_not_attach_fails_the_job_and_ends_its_instance(env: Env) -> None:
+    message = "Invalid value '/dev/sdf' for unixDevice. Attachment point /dev/sdf is already in use"
+    refusal = Refusal("AttachVolume", "InvalidParameterValue", message)
+    job = env.submit()
+    first = job["attempts"][0]["instance_id"]
+    env.clock.advance(60)
+    env.cloud.state_change(first, "running")
+    job = env.job(job["job_id"])
+    assert job["state"] == "FAILED"
+    assert job["failure"] == (
+        f"its volume could not be attached to {first}: InvalidParameterValue: {message}"
+    )
+    assert [a["end_reason"] for a in job["attempts"]] == ["launch-failed"]
+    assert state_of(env, first) in ("shutting-down", "terminated")
+    assert env.ec2.describe_volumes(VolumeIds=[job["volume"]["volume_id"]])["Volumes"]
+    sweeps(env, 2)
+    assert refusal.count == 1
