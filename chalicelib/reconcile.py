@@ -927,9 +927,8 @@ class Reconciler:
             # in the record, after which no pass would look at them again, so a
             # terminate that failed then would leave one running (a stopped one holding
             # the volume). Terminating twice is harmless.
-            terminates = [a for a in decision.actions if isinstance(a, Terminate)]
-            for action in terminates:
-                job = self._run(action, job, now, new_instances)
+            for terminate in [a for a in decision.actions if isinstance(a, Terminate)]:
+                job = self._run(terminate, job, now, new_instances)
 
             written_ahead = (Launch, CreateSnapshot, LeaveOnDemand)
             if any(isinstance(a, written_ahead) for a in decision.actions) and job != stored:

@@ -30,7 +30,7 @@ class Refusal:
         self.on = True
         self.count = 0
         self.code, self.message, self.when = code, message, when
-        client = runtime.control_plane().reconciler.ec2._client  # type: ignore[attr-defined]
+        client = runtime.control_plane().reconciler.ec2._client
         client.meta.events.register(f"before-call.ec2.{operation}", self._answer)
 
     def _answer(self, params: dict[str, Any], **_: Any) -> Any:
@@ -141,7 +141,7 @@ def test_volumes_that_keep_failing_fail_the_job_after_three(env: Env) -> None:
         for volume in parsed.get("Volumes", []):
             volume["State"], volume["Attachments"] = "error", []
 
-    client = runtime.control_plane().reconciler.ec2._client  # type: ignore[attr-defined]
+    client = runtime.control_plane().reconciler.ec2._client
     client.meta.events.register("after-call.ec2.DescribeVolumes", all_in_error)
     job_id = env.submit(results_s3_uri="s3://spotctl-results/x/")["job_id"]
     for _ in range(10):
