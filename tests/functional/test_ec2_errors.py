@@ -15,6 +15,7 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 
 from chalicelib import runtime
 from tests.functional.conftest import Env
+from tests.functional.test_faults import running
 
 
 class Refusal:
@@ -53,13 +54,19 @@ def state_of(env: Env, instance_id: str) -> str:
     return state
 
 
-def running(env: Env, **spec: Any) -> tuple[str, str, str]:
-    job = env.submit(**spec)
-    first = job["attempts"][0]["instance_id"]
-    env.clock.advance(60)
-    env.cloud.state_change(first, "running")
-    assert env.job(job["job_id"])["state"] == "RUNNING"
-    return job["job_id"], first, job["volume"]["volume_id"]
+def attached_elsewhere(env: Env) -> tuple[str, str]:
+    """A volume of the user's, attached to an instance of theirs (not spotctl's)."""
+    volume_id = env.ec2.create_volume(AvailabilityZone="us-east-1b", Size=50)["VolumeId"]
+    image = env.ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
+    theirs = env.ec2.run_instances(
+        ImageId=image,
+        MinCount=1,
+        MaxCount=1,
+        InstanceType="t3.micro",
+        Placement={"AvailabilityZone": "us-east-1b"},
+    )["Instances"][0]["InstanceId"]
+    env.ec2.attach_volume(VolumeId=volume_id, InstanceId=theirs, Device="/dev/sdg")
+    return volume_id, theirs
 
 
 @pytest.mark.parametrize("operation", ["TerminateInstances", "RunInstances"])
@@ -160,16 +167,7 @@ def test_volumes_that_keep_failing_fail_the_job_after_three(env: Env) -> None:
 def test_a_volume_attached_to_another_instance_is_waited_for_then_the_job_fails(
     env: Env,
 ) -> None:
-    volume_id = env.ec2.create_volume(AvailabilityZone="us-east-1b", Size=50)["VolumeId"]
-    image = env.ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
-    theirs = env.ec2.run_instances(
-        ImageId=image,
-        MinCount=1,
-        MaxCount=1,
-        InstanceType="t3.micro",
-        Placement={"AvailabilityZone": "us-east-1b"},
-    )["Instances"][0]["InstanceId"]
-    env.ec2.attach_volume(VolumeId=volume_id, InstanceId=theirs, Device="/dev/sdg")
+    volume_id, theirs = attached_elsewhere(env)
     job_id = env.submit(volume_id=volume_id, volume_gib=None)["job_id"]
     job = env.job(job_id)
     assert job["state"] == "WAITING" and job["attempts"] == []
@@ -190,16 +188,7 @@ def test_a_volume_attached_to_another_instance_is_waited_for_then_the_job_fails(
 
 
 def test_a_volume_freed_while_waited_for_is_adopted(env: Env) -> None:
-    volume_id = env.ec2.create_volume(AvailabilityZone="us-east-1b", Size=50)["VolumeId"]
-    image = env.ec2.describe_images(Owners=["self"])["Images"][0]["ImageId"]
-    theirs = env.ec2.run_instances(
-        ImageId=image,
-        MinCount=1,
-        MaxCount=1,
-        InstanceType="t3.micro",
-        Placement={"AvailabilityZone": "us-east-1b"},
-    )["Instances"][0]["InstanceId"]
-    env.ec2.attach_volume(VolumeId=volume_id, InstanceId=theirs, Device="/dev/sdg")
+    volume_id, theirs = attached_elsewhere(env)
     job_id = env.submit(volume_id=volume_id, volume_gib=None)["job_id"]
     env.ec2.detach_volume(VolumeId=volume_id, InstanceId=theirs)
     sweeps(env, 1, step=120.0)
