@@ -277,6 +277,18 @@ class Ec2Gateway:
             return SnapshotView(snapshot_id, "missing")
         return SnapshotView(snapshot_id, snapshots[0]["State"])
 
+    def snapshot_exists(self, snapshot_id: str) -> bool:
+        """Whether this account can see the snapshot (its own, shared or public): a
+        volume can be created from it."""
+        try:
+            response = self._client.describe_snapshots(SnapshotIds=[snapshot_id])
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in _MISSING_CODES:
+                return False
+            _raise_typed(exc)
+            raise  # not reached: _raise_typed always raises
+        return bool(response.get("Snapshots"))
+
     def snapshot_of_move(self, job_id: str, move: int) -> str | None:
         """The snapshot a (possibly dead) pass took for move ``move`` of ``job_id``."""
         response = self._client.describe_snapshots(

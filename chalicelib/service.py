@@ -21,6 +21,7 @@ from pydantic import (
 
 from chalicelib.agent_auth import derive_secret, hash_secret, secret_matches
 from chalicelib.errors import (
+    Ec2Failure,
     InvalidJobSpec,
     InvalidTransition,
     JobNotFound,
@@ -259,6 +260,7 @@ class JobService:
                     f"availability_zones: {', '.join(alien)} not in this deployment's "
                     f"region, {self.region}"
                 )
+        self._check_data_source(spec)
         job_id = self.new_id()
         job = Job(
             job_id=job_id,
@@ -314,6 +316,34 @@ class JobService:
         if job.attempt(report.attempt) is None:
             raise InvalidJobSpec(f"attempt: job {job_id} has no attempt {report.attempt}")
         return self.reconciler.reconcile(job_id, _report_signal(report))
+
+    def _check_data_source(self, spec: JobSpec) -> None:
+        """Refuse a volume_id or snapshot_id EC2 does not know (or a volume outside the
+        job's zones). Best effort: when EC2 cannot answer now, the first pass finds
+        out and fails the job saying so."""
+        ec2 = self.reconciler.ec2
+        try:
+            if spec.volume_id is not None:
+                self.reconciler.calls.append("ec2:DescribeVolumes")
+                volume = ec2.describe_volume(spec.volume_id)
+                if volume.gone:
+                    raise InvalidJobSpec(f"volume_id: {spec.volume_id} does not exist")
+                zones = spec.availability_zones
+                if zones and volume.az not in zones:
+                    raise InvalidJobSpec(
+                        f"volume_id: {spec.volume_id} is in {volume.az}, outside availability_zones"
+                    )
+            if spec.snapshot_id is not None:
+                self.reconciler.calls.append("ec2:DescribeSnapshots")
+                if not ec2.snapshot_exists(spec.snapshot_id):
+                    raise InvalidJobSpec(
+                        f"snapshot_id: {spec.snapshot_id} does not exist "
+                        "(or is not shared with this account)"
+                    )
+        except Ec2Failure as exc:
+            if not exc.transient:
+                raise
+            logger.warning("could not check the job's data source", extra={"error": str(exc)})
 
     def _check_user_data(self, job: Job, now: float) -> None:
         """Refuse a job whose instances' user data would be over EC2's 16 KB (its

@@ -352,3 +352,33 @@ def test_an_environment_too_big_for_the_user_data_is_rejected_and_writes_nothing
     assert response.status_code == 400
     assert "16384" in json.loads(response.body)["Message"]
     assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+
+
+def test_a_volume_or_snapshot_ec2_does_not_know_is_rejected_and_writes_nothing(
+    env: Env,
+) -> None:
+    elsewhere = env.ec2.create_volume(AvailabilityZone="us-east-1b", Size=20)["VolumeId"]
+    cases = [
+        ({"volume_id": "vol-0123456789abcdef0"}, "volume_id: vol-0123456789abcdef0 does not exist"),
+        (
+            {"volume_id": elsewhere, "availability_zones": ["us-east-1a"]},
+            f"volume_id: {elsewhere} is in us-east-1b, outside availability_zones",
+        ),
+        (
+            {"snapshot_id": "snap-0123456789abcdef0"},
+            "snapshot_id: snap-0123456789abcdef0 does not exist "
+            "(or is not shared with this account)",
+        ),
+    ]
+    for change, message in cases:
+        body = {k: v for k, v in {**VALID, "volume_gib": None, **change}.items() if v is not None}
+        response = post_raw(env, json.dumps(body))
+        assert response.status_code == 400, response.body
+        assert json.loads(response.body)["Message"] == message
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    assert [v["VolumeId"] for v in env.ec2.describe_volumes()["Volumes"]] == [elsewhere]
+    # The same sources, known to EC2: accepted.
+    snapshot = env.ec2.create_snapshot(VolumeId=elsewhere)["SnapshotId"]
+    for change in ({"volume_id": elsewhere}, {"snapshot_id": snapshot}):
+        body = {k: v for k, v in {**VALID, "volume_gib": None, **change}.items() if v is not None}
+        assert post_raw(env, json.dumps(body)).status_code == 201

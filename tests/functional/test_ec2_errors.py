@@ -101,8 +101,11 @@ def test_a_throttled_call_never_leaves_a_stopped_instance_behind(env: Env, opera
 def test_a_volume_ec2_will_not_create_fails_the_job_clearly(
     env: Env, code: str, message: str
 ) -> None:
+    source = env.ec2.create_volume(AvailabilityZone="us-east-1a", Size=8)["VolumeId"]
+    snapshot = env.ec2.create_snapshot(VolumeId=source)["SnapshotId"]
+    # (Deleted, or its key revoked, after the submission checked that it exists.)
     refusal = Refusal("CreateVolume", code, message)
-    job_id = env.submit(snapshot_id="snap-0123456789abcdef0", volume_gib=8)["job_id"]
+    job_id = env.submit(snapshot_id=snapshot, volume_gib=8)["job_id"]
     job = env.job(job_id)
     assert job["state"] == "FAILED"
     assert job["failure"] == f"its volume could not be created: {code}: {message}"
