@@ -240,26 +240,8 @@ class JobService:
     def submit(self, body: Any) -> Job:
         spec = parse_model(JobSpec, body)
         now = self.clock()
-        if spec.deadline is not None and spec.deadline.timestamp() <= now:
-            raise InvalidJobSpec("deadline: is in the past")
-        if spec.deadline is not None and spec.expected_hours is not None:
-            hours = (spec.deadline.timestamp() - now) / 3600.0
-            if spec.expected_hours >= hours:
-                raise InvalidJobSpec(
-                    f"deadline: {hours:.2f} h away, and expected_hours is "
-                    f"{spec.expected_hours:g}: not even on-demand could finish in time"
-                )
-        if self.region is not None:
-            alien = [
-                z
-                for z in spec.availability_zones or ()
-                if not re.fullmatch(re.escape(self.region) + "[a-z]", z)
-            ]
-            if alien:
-                raise InvalidJobSpec(
-                    f"availability_zones: {', '.join(alien)} not in this deployment's "
-                    f"region, {self.region}"
-                )
+        _check_deadline(spec, now)
+        self._check_zones(spec)
         self._check_data_source(spec)
         job_id = self.new_id()
         job = Job(
@@ -317,6 +299,17 @@ class JobService:
             raise InvalidJobSpec(f"attempt: job {job_id} has no attempt {report.attempt}")
         return self.reconciler.reconcile(job_id, _report_signal(report))
 
+    def _check_zones(self, spec: JobSpec) -> None:
+        if self.region is None:
+            return
+        pattern = re.escape(self.region) + "[a-z]"
+        alien = [z for z in spec.availability_zones or () if not re.fullmatch(pattern, z)]
+        if alien:
+            raise InvalidJobSpec(
+                f"availability_zones: {', '.join(alien)} not in this deployment's "
+                f"region, {self.region}"
+            )
+
     def _check_data_source(self, spec: JobSpec) -> None:
         """Refuse a volume_id or snapshot_id EC2 does not know (or a volume outside the
         job's zones). Best effort: when EC2 cannot answer now, the first pass finds
@@ -365,6 +358,19 @@ class JobService:
             # The job is stored; the next sweep carries on from here.
             logger.exception("first reconcile failed", extra={"job_id": job.job_id})
             return self.store.get(job.job_id)
+
+
+def _check_deadline(spec: JobSpec, now: float) -> None:
+    if spec.deadline is None:
+        return
+    hours = (spec.deadline.timestamp() - now) / 3600.0
+    if hours <= 0.0:
+        raise InvalidJobSpec("deadline: is in the past")
+    if spec.expected_hours is not None and spec.expected_hours >= hours:
+        raise InvalidJobSpec(
+            f"deadline: {hours:.2f} h away, and expected_hours is "
+            f"{spec.expected_hours:g}: not even on-demand could finish in time"
+        )
 
 
 def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
