@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from botocore.exceptions import ClientError
 
@@ -108,7 +108,7 @@ class LaunchSettings:
     security_groups: tuple[str, ...] = ()
 
 
-def _raise_typed(exc: ClientError) -> None:
+def _raise_typed(exc: ClientError) -> NoReturn:
     code = exc.response["Error"]["Code"]
     message = exc.response["Error"].get("Message", "")
     if code in _CAPACITY_CODES:
@@ -286,7 +286,6 @@ class Ec2Gateway:
             if exc.response["Error"]["Code"] in _MISSING_CODES:
                 return False
             _raise_typed(exc)
-            raise  # not reached: _raise_typed always raises
         return bool(response.get("Snapshots"))
 
     def snapshot_of_move(self, job_id: str, move: int) -> str | None:

@@ -161,6 +161,8 @@ class JobSpec(BaseModel):
                 raise ValueError(f"{name}: names starting {ENV_RESERVED_PREFIX} are spotctl's")
             if "\x00" in text:
                 raise ValueError(f"{name}: the value has a NUL character")
+            if "\n" in text or "\r" in text:
+                raise ValueError(f"{name}: the value spans lines (docker's env files cannot)")
             if len(text.encode("utf-8", "surrogatepass")) > MAX_ENV_VALUE_BYTES:
                 raise ValueError(f"{name}: the value is over {MAX_ENV_VALUE_BYTES} bytes")
         return value

@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -279,7 +280,8 @@ class Workload:
 
     def launch(self, argv: list[str]) -> bool:
         env = dict(os.environ)
-        env.update(self.params.env)
+        if not self.params.image:  # a container gets them from run_argv's env file
+            env.update(self.params.env)
         env.update(
             SPOTCTL_JOB_ID=self.params.job_id,
             SPOTCTL_ATTEMPT=str(self.params.attempt),
@@ -322,9 +324,19 @@ class Workload:
         argv += ["-v", f"{mount}:{mount}", "-e", f"SPOTCTL_JOB_ID={p.job_id}"]
         argv += ["-e", f"SPOTCTL_ATTEMPT={p.attempt}"]
         argv += ["-e", f"SPOTCTL_CHECKPOINT_DIR={self.checkpoint_dir}"]
-        for name in p.env:  # by name: docker takes the value from its own environment
-            argv += ["-e", name]
+        if p.env:
+            argv += ["--env-file", self.env_file()]
         return [*argv, str(p.image), *p.command]
+
+    def env_file(self) -> str:
+        """The job's variables for ``docker run --env-file`` (a file only root reads):
+        out of docker's argv, and out of the docker client's own environment, where a
+        PATH or DOCKER_HOST meant for the container would steer the client. One
+        NAME=VALUE a line; the API accepts only single-line values."""
+        fd, path = tempfile.mkstemp(prefix="spotctl-env-")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(f"{name}={value}\n" for name, value in self.params.env.items())
+        return path
 
     def poll(self) -> int | None:
         """None while the workload (or its image pull) goes on, else its exit code."""

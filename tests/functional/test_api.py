@@ -73,6 +73,8 @@ BAD_SPECS = [
     ("env", {"env": {"SPOTCTL_JOB_ID": "x"}}),
     ("env", {"env": {"spotctl_attempt": "x"}}),
     ("env", {"env": {"A": "a\u0000b"}}),
+    ("env", {"env": {"A": "two\nlines"}}),
+    ("env", {"env": {"A": "cr\rhere"}}),
     ("env", {"env": {"A": 1}}),
     ("env", {"env": {"A": None}}),
     ("env", {"env": {"A": "v" * 4097}}),

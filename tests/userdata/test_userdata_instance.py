@@ -389,11 +389,14 @@ def test_a_volume_copied_from_another_volumes_snapshot_is_restored(box: Instance
 ENV_RECORDER = """
 import json, os
 out = os.path.join(os.environ["SPOTCTL_CHECKPOINT_DIR"], "..", "env.json")
-keys = ("NCCL_DEBUG", "ARGS", "EMPTY", "SPOTCTL_JOB_ID", "SHIM_DIR")
+keys = ("NCCL_DEBUG", "ARGS", "EMPTY", "SPOTCTL_JOB_ID", "SHIM_DIR", "PATH", "DOCKER_HOST")
 with open(out, "w") as f:
     json.dump({k: os.environ.get(k) for k in keys}, f)
 """
-JOB_ENV = (("NCCL_DEBUG", "INFO"), ("ARGS", "--lr '$(id)' \"x\"\n`id` $HOME"), ("EMPTY", ""))
+JOB_ENV = (("NCCL_DEBUG", "INFO"), ("ARGS", " --lr '$(id)' \"x\" `id` $HOME = "), ("EMPTY", ""))
+# Meant for the container: they must not steer the docker client (which would not even
+# be found on that PATH).
+CONTAINER_ENV = (("PATH", "/opt/conda/bin"), ("DOCKER_HOST", "tcp://192.0.2.1:2375"))
 
 
 @pytest.mark.parametrize("image", [None, "train:1"])
@@ -401,14 +404,16 @@ def test_the_job_environment_reaches_the_workload_byte_for_byte(
     box: Instance, image: str | None
 ) -> None:
     command = python_workload(box, "env-recorder", ENV_RECORDER)
-    assert box.run(box.params(command, image=image, env=JOB_ENV)) == 0, box.agent_log()
+    job_env = JOB_ENV if image is None else (*JOB_ENV, *CONTAINER_ENV)
+    assert box.run(box.params(command, image=image, env=job_env)) == 0, box.agent_log()
     seen = json.loads((box.mount / "env.json").read_text())
-    assert {k: seen[k] for k, _ in JOB_ENV} == dict(JOB_ENV)
+    assert {k: seen[k] for k, _ in job_env} == dict(job_env)
     assert seen["SPOTCTL_JOB_ID"] == "job-42"
     if image is not None:
-        assert seen["SHIM_DIR"] is None  # a container sees only what -e passes
+        assert seen["SHIM_DIR"] is None  # a container sees only what it is passed
         run = next(c["argv"] for c in box.calls("docker") if c["argv"][0] == "run")
-        # By name only: the values stay out of docker's argv (and ps).
-        for name, value in JOB_ENV:
-            assert run[run.index(name) - 1] == "-e"
+        # In a file: the values stay out of docker's argv (and ps).
+        assert "--env-file" in run
+        for name, value in job_env:
+            assert name not in run
             assert all(value not in arg for arg in run if value)

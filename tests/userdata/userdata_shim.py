@@ -86,10 +86,16 @@ def docker(argv: list[str]) -> int:
     i, name = 1, "unnamed"
     while argv[i].startswith("-"):
         flag = argv[i]
-        if flag in ("--name", "-v", "-e", "--gpus"):
+        if flag in ("--name", "-v", "-e", "--gpus", "--env-file"):
             value = argv[i + 1]
             if flag == "--name":
                 name = value
+            if flag == "--env-file":  # NAME=VALUE lines, as docker reads them
+                for raw in Path(value).read_text(encoding="utf-8").splitlines():
+                    line = raw.lstrip()
+                    if line and not line.startswith("#"):
+                        key, _, val = line.partition("=")
+                        env[key] = val
             if flag == "-e":  # NAME=VALUE, or NAME: the value of docker's own environment
                 key, equals, val = value.partition("=")
                 if equals:
