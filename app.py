@@ -48,6 +48,7 @@ from chalicelib.errors import (
     NotAuthorized,
     RequestTooLarge,
     SpotctlError,
+    VolumeClaimed,
 )
 from chalicelib.log import logger
 from chalicelib.service import (
@@ -92,6 +93,7 @@ _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     NotAuthenticated: UnauthorizedError,
     NotAuthorized: ForbiddenError,
     InvalidTransition: ConflictError,
+    VolumeClaimed: ConflictError,
     RequestTooLarge: PayloadTooLargeError,
 }
 

@@ -81,6 +81,7 @@ class VolumeView:
     size_gib: int = 0
     attached_to: str | None = None
     attach_state: str | None = None  # attaching | attached | detaching | busy
+    job_id: str | None = None  # its spotctl:job-id tag: the job that created it
 
     @property
     def gone(self) -> bool:
@@ -132,6 +133,7 @@ def _volume_view(volume: Any) -> VolumeView:
         volume.get("Size", 0),
         attachment.get("InstanceId") if attachment else None,
         attachment.get("State") if attachment else None,
+        next((t["Value"] for t in volume.get("Tags", []) if t["Key"] == JOB_TAG), None),
     )
 
 

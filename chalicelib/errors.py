@@ -32,6 +32,10 @@ class InvalidTransition(SpotctlError):
     """The job's state does not allow the requested change."""
 
 
+class VolumeClaimed(SpotctlError):
+    """The volume a submission names is the data volume of a job still live."""
+
+
 class ConcurrentUpdate(SpotctlError):
     """Someone else wrote the job since we read it (DynamoDB condition failed)."""
 

@@ -157,6 +157,7 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "201": _json("Job", "the job, stored and on its way"),
                         **_USER_ERRORS,
+                        "409": _error("the volume_id is the data volume of a live job"),
                         "413": _error("body too large"),
                     },
                 },

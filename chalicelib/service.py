@@ -326,6 +326,8 @@ class JobService:
                     raise InvalidJobSpec(
                         f"volume_id: {spec.volume_id} is in {volume.az}, outside availability_zones"
                     )
+                if volume.job_id is not None:
+                    self.store.refuse_if_live(spec.volume_id, volume.job_id)
             if spec.snapshot_id is not None:
                 self.reconciler.calls.append("ec2:DescribeSnapshots")
                 if not ec2.snapshot_exists(spec.snapshot_id):

@@ -7,6 +7,9 @@ Table layout (single table, string keys):
   indexes and the write condition.
 - ``pk = "INSTANCE#<instance id>"``: ``job_id`` and ``attempt``, so an EC2 event finds
   its job with one GetItem (no scan, no EC2 tag lookup).
+- ``pk = "VOLUME#<volume id>"``: ``job_id``, the job a user's ``volume_id`` was last
+  given to, written with the job itself; a new job may take the volume only from a job
+  that has ended, so two live jobs never share one.
 - ``pk = "POOL#<instance type>#<zone>"``: the pool's fleet record, what every job saw
   of spot capacity there (``chalicelib.fleet``).
 - ``pk = "BATCH#<token>"`` and ``pk = "STORM"``: the storm path's (``chalicelib.batch``).
@@ -28,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib.errors import ConcurrentUpdate, InvalidJobSpec, JobNotFound
+from chalicelib.errors import ConcurrentUpdate, InvalidJobSpec, JobNotFound, VolumeClaimed
 from chalicelib.models import LIVE_STATES, Job, JobState
 
 if TYPE_CHECKING:
@@ -38,6 +41,9 @@ if TYPE_CHECKING:
 BY_STATE = "by_state"
 BY_CREATED = "by_created"
 MAX_PAGE = 100
+# Reads and conditional writes of a volume's claim before a submission gives up (each
+# lost race means another submission claimed or took over the volume meanwhile).
+CLAIM_TRIES = 3
 
 
 def _job_key(job_id: str) -> dict[str, AttributeValueTypeDef]:
@@ -46,6 +52,10 @@ def _job_key(job_id: str) -> dict[str, AttributeValueTypeDef]:
 
 def _instance_key(instance_id: str) -> dict[str, AttributeValueTypeDef]:
     return {"pk": {"S": f"INSTANCE#{instance_id}"}}
+
+
+def _volume_key(volume_id: str) -> dict[str, AttributeValueTypeDef]:
+    return {"pk": {"S": f"VOLUME#{volume_id}"}}
 
 
 def _created_sort_key(job: Job) -> str:
@@ -76,11 +86,73 @@ class JobStore:
         self._table = table_name
 
     def create(self, job: Job) -> None:
-        self._client.put_item(
-            TableName=self._table,
-            Item=_job_item(job),
-            ConditionExpression="attribute_not_exists(pk)",
+        """Store a new job; one naming a ``volume_id`` claims the volume with it, and is
+        refused (:class:`VolumeClaimed`) while a live job holds that volume."""
+        volume_id = job.spec.volume_id
+        if volume_id is None:
+            self._client.put_item(
+                TableName=self._table,
+                Item=_job_item(job),
+                ConditionExpression="attribute_not_exists(pk)",
+            )
+            return
+        for _ in range(CLAIM_TRIES):
+            holder = self._volume_holder(volume_id)
+            if holder is not None:
+                self.refuse_if_live(volume_id, holder)
+            if self._create_claiming(job, volume_id, holder):
+                return
+        raise ConcurrentUpdate(job.job_id)
+
+    def _volume_holder(self, volume_id: str) -> str | None:
+        response = self._client.get_item(
+            TableName=self._table, Key=_volume_key(volume_id), ConsistentRead=True
         )
+        item = response.get("Item")
+        return item["job_id"]["S"] if item else None
+
+    def refuse_if_live(self, volume_id: str, holder: str) -> None:
+        """Raise :class:`VolumeClaimed` if job ``holder`` (which has the volume) is live."""
+        try:
+            state = self.get(holder).state
+        except JobNotFound:
+            return
+        if not state.is_terminal():
+            raise VolumeClaimed(
+                f"volume_id: {volume_id} is the data volume of job {holder} ({state.value}); "
+                "cancel it or wait for it to end"
+            )
+
+    def _create_claiming(self, job: Job, volume_id: str, holder: str | None) -> bool:
+        """The job and its volume claim in one transaction; False when another
+        submission changed the claim since we read it (``holder``)."""
+        if holder is None:
+            claim_condition: dict[str, Any] = {"ConditionExpression": "attribute_not_exists(pk)"}
+        else:
+            claim_condition = {
+                "ConditionExpression": "job_id = :holder",
+                "ExpressionAttributeValues": {":holder": {"S": holder}},
+            }
+        claim = {**_volume_key(volume_id), "job_id": {"S": job.job_id}}
+        items: list[TransactWriteItemTypeDef] = [
+            {
+                "Put": {
+                    "TableName": self._table,
+                    "Item": _job_item(job),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                }
+            },
+            {"Put": {"TableName": self._table, "Item": claim, **claim_condition}},  # type: ignore[typeddict-item]
+        ]
+        try:
+            self._client.transact_write_items(TransactItems=items)
+        except ClientError as exc:
+            reasons = exc.response.get("CancellationReasons", [])
+            codes = [reason.get("Code") for reason in reasons]
+            if len(codes) == 2 and codes[0] == "None" and codes[1] == "ConditionalCheckFailed":
+                return False
+            raise
+        return True
 
     def get(self, job_id: str) -> Job:
         response = self._client.get_item(

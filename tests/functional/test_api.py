@@ -384,3 +384,36 @@ def test_a_volume_or_snapshot_ec2_does_not_know_is_rejected_and_writes_nothing(
     for change in ({"volume_id": elsewhere}, {"snapshot_id": snapshot}):
         body = {k: v for k, v in {**VALID, "volume_gib": None, **change}.items() if v is not None}
         assert post_raw(env, json.dumps(body)).status_code == 201
+
+
+def volume_spec(volume_id: str) -> str:
+    return json.dumps(
+        {**{k: v for k, v in VALID.items() if k != "volume_gib"}, "volume_id": volume_id}
+    )
+
+
+def test_a_volume_a_live_job_holds_is_refused_until_that_job_ends(env: Env) -> None:
+    volume = env.ec2.create_volume(AvailabilityZone="us-east-1a", Size=20)["VolumeId"]
+    first = json.loads(post_raw(env, volume_spec(volume)).body)["job_id"]
+
+    response = post_raw(env, volume_spec(volume))
+    assert response.status_code == 409, response.body
+    assert json.loads(response.body)["Message"] == (
+        f"volume_id: {volume} is the data volume of job {first} "
+        f"({env.job(first)['state']}); cancel it or wait for it to end"
+    )
+    assert [j["job_id"] for j in json.loads(env.client.http.get("/jobs").body)["jobs"]] == [first]
+
+    env.client.http.delete(f"/jobs/{first}")
+    env.cloud.sweep()
+    assert env.job(first)["state"] == "CANCELLED"
+    assert post_raw(env, volume_spec(volume)).status_code == 201  # the volume is free again
+
+
+def test_the_volume_spotctl_made_for_a_live_job_is_refused(env: Env) -> None:
+    first = env.submit(availability_zones=["us-east-1a"])
+    volume = first["volume"]["volume_id"]
+    response = post_raw(env, volume_spec(volume))
+    assert response.status_code == 409, response.body
+    assert f"is the data volume of job {first['job_id']}" in json.loads(response.body)["Message"]
+    assert len(json.loads(env.client.http.get("/jobs").body)["jobs"]) == 1

@@ -18,7 +18,7 @@ import pytest
 
 from chalicelib import clients, runtime
 from chalicelib.config import Config
-from chalicelib.errors import ConcurrentUpdate, InsufficientCapacity
+from chalicelib.errors import ConcurrentUpdate, InsufficientCapacity, VolumeClaimed
 from chalicelib.models import Job
 from chalicelib.reconcile import note_warning
 from chalicelib.runtime import ControlPlane
@@ -232,3 +232,28 @@ def test_two_sweeps_launching_different_candidates_keep_only_the_recorded_one(
         ]
     )["Reservations"]
     assert len([i for r in ended for i in r["Instances"]]) == 1, "both candidates started"
+
+
+def test_two_submissions_of_one_volume_at_once_start_one_job(cloud: LocalCloud) -> None:
+    """The second submission read the volume as free just before the first claimed it:
+    its write must fail on DynamoDB's condition, not give the volume to two jobs."""
+    volume = cloud.client("ec2").create_volume(AvailabilityZone="us-east-1a", Size=10)
+    spec = {**{k: v for k, v in SPEC.items() if k != "volume_gib"}, "volume_id": volume["VolumeId"]}
+    a = lambda_container(cloud)
+    b = lambda_container(cloud)
+    first: list[Job] = []
+
+    def a_submits_meanwhile(**_: Any) -> None:
+        if not first:
+            first.append(a.service.submit(spec))
+
+    b.store._client.meta.events.register(
+        "before-call.dynamodb.TransactWriteItems", a_submits_meanwhile
+    )
+    with pytest.raises(VolumeClaimed) as refused:
+        b.service.submit(spec)
+    (job,) = first
+    assert f"is the data volume of job {job.job_id}" in str(refused.value)
+    jobs, _ = a.store.page(None, 10, None)
+    assert [j.job_id for j in jobs] == [job.job_id]
+    assert a.store.get(job.job_id).volume is not None
