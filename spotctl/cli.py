@@ -5,6 +5,7 @@
     spotctl jobs --state RUNNING
     spotctl status j-0123abcd        # attempts, interruptions, cost and saving
     spotctl logs j-0123abcd          # the job's events (and, in the sandbox, agent logs)
+    spotctl wait j-0123abcd          # follow its events until it ends; exit 0 if it succeeded
     spotctl cancel j-0123abcd --delete-volume
     spotctl sandbox down
 
@@ -45,6 +46,21 @@ DOWN_TIMEOUT_SECONDS = 60.0
 
 class CliError(Exception):
     """A problem to tell the user in one line (exit code 1)."""
+
+
+class ApiUnavailable(CliError):
+    """The API could not be reached or answered 429/5xx: worth asking again later."""
+
+
+# What ``spotctl wait`` (and ``submit --wait``, ``logs --follow``) exits with, by the
+# state the job ended in; 1 stays "spotctl itself could not do it".
+EXIT_CODES = {"SUCCEEDED": 0, "FAILED": 3, "CANCELLED": 4}
+EXIT_TIMEOUT = 5  # --timeout passed with the job still live
+# While following a job, how long the API may stay unreachable before spotctl gives up,
+# and the longest pause between tries (a laptop asleep, a network blip, a throttled API).
+FOLLOW_OUTAGE_SECONDS = 1800.0
+FOLLOW_BACKOFF_MAX_SECONDS = 60.0
+WAIT_CLOCK: Any = time  # its monotonic() and sleep(); the tests' fake replaces it
 
 
 # -- the API -------------------------------------------------------------------------------
@@ -129,9 +145,10 @@ def call(base: str, method: str, path: str, body: Any = None, token: str | None 
             message = json.loads(text).get("Message", text)
         except (json.JSONDecodeError, AttributeError):
             message = text
-        raise CliError(f"{method} {path}: HTTP {exc.code}: {message}") from None
+        kind = ApiUnavailable if exc.code == 429 or exc.code >= 500 else CliError
+        raise kind(f"{method} {path}: HTTP {exc.code}: {message}") from None
     except OSError as exc:
-        raise CliError(f"cannot reach the spotctl API at {base}: {exc}") from None
+        raise ApiUnavailable(f"cannot reach the spotctl API at {base}: {exc}") from None
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -211,13 +228,56 @@ def render_status(job: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_events(job: dict[str, Any]) -> str:
-    return "\n".join(
-        f"{_time(e['at'])}  {e['kind']:<24} "
-        + (f"#{e['attempt']} " if e["attempt"] is not None else "")
-        + e["detail"]
-        for e in job["events"]
+def render_event(event: dict[str, Any]) -> str:
+    return (
+        f"{_time(event['at'])}  {event['kind']:<24} "
+        + (f"#{event['attempt']} " if event["attempt"] is not None else "")
+        + event["detail"]
     )
+
+
+def render_events(job: dict[str, Any]) -> str:
+    return "\n".join(render_event(e) for e in job["events"])
+
+
+def follow(
+    base: str, job_id: str, interval: float, timeout: float | None
+) -> tuple[dict[str, Any] | None, int]:
+    """Print the job's events as they come until it ends: its last view and the exit
+    code for the state it ended in (``EXIT_TIMEOUT`` if ``timeout`` seconds pass first).
+
+    The API may be unreachable for a while (it is retried with backoff, up to
+    ``FOLLOW_OUTAGE_SECONDS``); any other API error ends the wait with that error."""
+    path = f"/jobs/{urllib.parse.quote(job_id)}"
+    clock, sleep = WAIT_CLOCK.monotonic, WAIT_CLOCK.sleep
+    started = clock()
+    printed: set[tuple[Any, ...]] = set()  # the timeline keeps its newest events only
+    job: dict[str, Any] | None = None
+    failing_since: float | None = None
+    pause = interval
+    while True:
+        try:
+            job = call(base, "GET", path)
+        except ApiUnavailable as exc:
+            failing_since = clock() if failing_since is None else failing_since
+            if clock() - failing_since > FOLLOW_OUTAGE_SECONDS:
+                raise CliError(f"gave up after {FOLLOW_OUTAGE_SECONDS:.0f} s: {exc}") from None
+            print(f"spotctl: {exc}; trying again", file=sys.stderr)
+            pause = min(pause * 2, FOLLOW_BACKOFF_MAX_SECONDS)
+        else:
+            failing_since, pause = None, interval
+            for event in job["events"]:
+                key = (event["at"], event["kind"], event["attempt"], event["detail"])
+                if key not in printed:
+                    printed.add(key)
+                    print(render_event(event), flush=True)
+            if job["state"] in EXIT_CODES:
+                return job, EXIT_CODES[job["state"]]
+        if timeout is not None and clock() - started >= timeout:
+            state = job["state"] if job else "unknown"
+            print(f"spotctl: still {state} after {timeout:g} s", file=sys.stderr)
+            return job, EXIT_TIMEOUT
+        sleep(pause)
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -231,12 +291,27 @@ def load_spec(path: Path) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    job = call(api_url(args), "POST", "/jobs", load_spec(Path(args.spec)))
+    base = api_url(args)
+    job = call(base, "POST", "/jobs", load_spec(Path(args.spec)))
     if args.json:
         print(json.dumps(job, indent=2))
     else:
-        print(f"{job['job_id']} {job['state']}")
-    return 0
+        print(f"{job['job_id']} {job['state']}", flush=True)
+    if not args.wait:
+        return 0
+    return _follow_to_the_end(base, job["job_id"], args)
+
+
+def _follow_to_the_end(base: str, job_id: str, args: argparse.Namespace) -> int:
+    job, code = follow(base, job_id, args.interval, args.timeout)
+    if job is not None and code != EXIT_TIMEOUT:
+        ended = f"{job_id} {job['state']}"
+        print(ended + (f": {job['failure']}" if job.get("failure") else ""))
+    return code
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return _follow_to_the_end(api_url(args), args.job_id, args)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
@@ -268,8 +343,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    job = call(api_url(args), "GET", f"/jobs/{urllib.parse.quote(args.job_id)}")
-    print(render_events(job))
+    code = 0
+    if args.follow:
+        found, code = follow(api_url(args), args.job_id, args.interval, args.timeout)
+        if found is None:
+            return code
+        job = found
+    else:
+        job = call(api_url(args), "GET", f"/jobs/{urllib.parse.quote(args.job_id)}")
+        print(render_events(job))
     state = sandbox_state()
     if (
         state is None
@@ -280,7 +362,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             state["api_url"],
         )
     ):
-        return 0
+        return code
     root = Path(state["root"]) / "instances"
     for attempt in job["attempts"]:
         if not attempt["instance_id"]:
@@ -290,7 +372,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
             if path.exists():
                 print(f"\n== attempt {attempt['number']} {attempt['instance_id']} {name} ==")
                 print(path.read_text().rstrip())
-    return 0
+    return code
 
 
 # -- the sandbox in the background -------------------------------------------------------------
@@ -389,6 +471,22 @@ def cmd_sandbox_status(args: argparse.Namespace) -> int:
 # -- wiring ----------------------------------------------------------------------------------
 
 
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text}")
+    return value
+
+
+def _waiting_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--interval", type=_positive, default=10.0, help="seconds between polls (default 10)"
+    )
+    parser.add_argument(
+        "--timeout", type=_positive, help="stop waiting after this many seconds (exit 5)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spotctl",
@@ -401,7 +499,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="submit a job spec (YAML or JSON)")
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="print the whole job")
+    p.add_argument(
+        "--wait", action="store_true", help="then follow its events until it ends (as `wait`)"
+    )
+    _waiting_options(p)
     p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser(
+        "wait",
+        help="follow a job's events until it ends",
+        description="Print a job's events as they come until it ends. Exit code: 0 "
+        "SUCCEEDED, 3 FAILED, 4 CANCELLED, 5 --timeout passed first, 1 spotctl could "
+        "not ask (the API is retried for 30 min when unreachable).",
+    )
+    p.add_argument("job_id")
+    _waiting_options(p)
+    p.set_defaults(func=cmd_wait)
 
     p = sub.add_parser("jobs", help="list jobs")
     p.add_argument("--state", help="only jobs in this state (RUNNING, SUCCEEDED, ...)")
@@ -422,6 +535,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("logs", help="a job's events; in the sandbox also its agent logs")
     p.add_argument("job_id")
+    p.add_argument(
+        "-f", "--follow", action="store_true", help="print events until the job ends (as `wait`)"
+    )
+    _waiting_options(p)
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser("sandbox", help="the local sandbox (no AWS account needed)")

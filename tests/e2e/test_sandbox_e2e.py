@@ -9,12 +9,12 @@ import json
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from spotctl import cli
 from spotctl.cli import call, interruptions, render_status
 from spotctl.sandbox.sandbox import EXAMPLE_TRAINER, Sandbox
 from tests.sandbox.conftest import write_trace
@@ -39,15 +39,6 @@ def port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
-def wait_for(sandbox: Sandbox, job_id: str, states: tuple[str, ...], seconds: float) -> Any:
-    deadline = time.monotonic() + seconds
-    job = call(sandbox.api_url, "GET", f"/jobs/{job_id}", token=sandbox.api_token)
-    while job["state"] not in states and time.monotonic() < deadline:
-        time.sleep(0.5)
-        job = call(sandbox.api_url, "GET", f"/jobs/{job_id}", token=sandbox.api_token)
-    return job
-
-
 def submit(sandbox: Sandbox, name: str, *train_args: str, **fields: Any) -> Any:
     """POST the example trainer as a job in us-west-2a; ``fields`` add to the spec."""
     spec = {
@@ -63,9 +54,14 @@ def submit(sandbox: Sandbox, name: str, *train_args: str, **fields: Any) -> Any:
 
 
 def run_to_the_end(sandbox: Sandbox, job_id: str) -> tuple[Any, Any, list[str]]:
-    """Wait for the job to end: its view, its ``final.json`` in S3, and the state of
-    every instance EC2 knows."""
-    job = wait_for(sandbox, job_id, ("SUCCEEDED", "FAILED", "CANCELLED"), 75)
+    """Wait for the job to end as a user would, with ``spotctl wait``: its view, its
+    ``final.json`` in S3, and the state of every instance EC2 knows."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SPOTCTL_API_TOKEN", sandbox.api_token)
+        argv = ["--api-url", sandbox.api_url, "wait", job_id, "--interval", "0.5"]
+        code = cli.main([*argv, "--timeout", "75"])
+    job = call(sandbox.api_url, "GET", f"/jobs/{job_id}", token=sandbox.api_token)
+    assert code == cli.EXIT_CODES.get(job["state"], cli.EXIT_TIMEOUT)
     key = f"jobs/{job_id}/checkpoints/final.json"
     s3 = sandbox.client("s3")
     final = json.loads(s3.get_object(Bucket="spotctl-sandbox", Key=key)["Body"].read())
@@ -81,7 +77,7 @@ def assert_nothing_left(sandbox: Sandbox, ports: list[int], states: list[str]) -
 
 
 def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reordered_events(
-    tmp_path: Path,
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     expected = reference_weights(tmp_path)
     # Capacity for one tick, none for the next, then back for good.
@@ -104,6 +100,9 @@ def test_interrupted_job_succeeds_with_identical_weights_despite_duplicate_reord
     assert job["state"] == "SUCCEEDED", json.dumps(job["events"], indent=1)
     assert job["exit_code"] == 0
     assert len(interruptions(job)) >= 1, "the trace took the first instance away"
+    followed = capsys.readouterr().out.splitlines()  # what `spotctl wait` printed
+    assert [line.split()[2] for line in followed[:-1]] == [e["kind"] for e in job["events"]]
+    assert followed[-1] == f"{job['job_id']} SUCCEEDED"
     assert final["weights_sha256"] == expected
     assert delivered_twice > 0, "the bus duplicated some events"
     assert_nothing_left(sandbox, ports, states)
