@@ -229,11 +229,8 @@ def render_status(job: dict[str, Any]) -> str:
 
 
 def render_event(event: dict[str, Any]) -> str:
-    return (
-        f"{_time(event['at'])}  {event['kind']:<24} "
-        + (f"#{event['attempt']} " if event["attempt"] is not None else "")
-        + event["detail"]
-    )
+    attempt = f"#{event['attempt']} " if event["attempt"] is not None else ""
+    return f"{_time(event['at'])}  {event['kind']:<24} {attempt}{event['detail']}"
 
 
 def render_events(job: dict[str, Any]) -> str:
