@@ -41,6 +41,7 @@ from pydantic import BaseModel, ValidationError
 
 from chalicelib import events, openapi, reconcile, runtime
 from chalicelib.errors import (
+    Busy,
     InvalidJobSpec,
     InvalidTransition,
     JobNotFound,
@@ -87,6 +88,10 @@ class HeadersTooLargeError(ChaliceViewError):
     STATUS_CODE = 431
 
 
+class ServiceUnavailableError(ChaliceViewError):
+    STATUS_CODE = 503
+
+
 _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     InvalidJobSpec: BadRequestError,
     JobNotFound: NotFoundError,
@@ -95,6 +100,7 @@ _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     InvalidTransition: ConflictError,
     VolumeClaimed: ConflictError,
     RequestTooLarge: PayloadTooLargeError,
+    Busy: ServiceUnavailableError,
 }
 
 T = TypeVar("T")

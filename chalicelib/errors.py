@@ -36,6 +36,10 @@ class VolumeClaimed(SpotctlError):
     """The volume a submission names is the data volume of a job still live."""
 
 
+class Busy(SpotctlError):
+    """Other writers kept changing what the request needed; asking again will do."""
+
+
 class ConcurrentUpdate(SpotctlError):
     """Someone else wrote the job since we read it (DynamoDB condition failed)."""
 

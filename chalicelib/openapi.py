@@ -105,6 +105,8 @@ def _schemas() -> dict[str, Any]:
             "exit_code_restarts": {"type": "integer"},
             "failure": {"type": ["string", "null"]},
             "wait_until": {"type": ["string", "null"], "format": "date-time"},
+            "cancel_requested_at": {"type": ["string", "null"], "format": "date-time"},
+            "delete_volume_on_cancel": {"type": "boolean"},
             "events": {"type": "array", "items": {"type": "object"}},
         },
     }
@@ -159,6 +161,7 @@ def document() -> dict[str, Any]:
                         **_USER_ERRORS,
                         "409": _error("the volume_id is the data volume of a live job"),
                         "413": _error("body too large"),
+                        "503": _error("busy: other writers kept changing the volume's claim"),
                     },
                 },
                 "get": {
@@ -188,6 +191,7 @@ def document() -> dict[str, Any]:
                         **_USER_ERRORS,
                         "404": _error("no such job"),
                         "409": _error("the job already ended"),
+                        "503": _error("busy: the job kept changing; the cancel was not stored"),
                     },
                 },
             },

@@ -21,6 +21,8 @@ from pydantic import (
 
 from chalicelib.agent_auth import derive_secret, hash_secret, secret_matches
 from chalicelib.errors import (
+    Busy,
+    ConcurrentUpdate,
     Ec2Failure,
     InvalidJobSpec,
     InvalidTransition,
@@ -224,6 +226,11 @@ def check_bearer(authorization: str | None, expected: str) -> None:
         raise NotAuthenticated("this token is not valid for this API")
 
 
+# Reads and conditional writes of a cancel request before giving up (each lost race is
+# another writer, a Lambda pass or another cancel, updating the job meanwhile).
+CANCEL_TRIES = 5
+
+
 def new_job_id() -> str:
     return f"j-{secrets.token_hex(8)}"
 
@@ -265,19 +272,34 @@ class JobService:
         return self.store.page(parsed.state, parsed.limit, parsed.next_token)
 
     def cancel(self, job_id: str, query: Mapping[str, str]) -> Job:
+        """Store the request first, then act on it: once the answer is 200 the cancel
+        is on record, and a pass that fails after terminating the instance (or a
+        Lambda that dies there) leaves the sweep a cancel to finish, not a lost
+        instance to replace. A second request may add ``delete_volume``."""
         check_job_id(job_id)
-        flag = parse_query(CancelQuery, query).delete_volume
-        job = self.store.get(job_id)
-        if job.state.is_terminal():
-            raise InvalidTransition(f"job {job_id} already ended: {job.state.value}")
-
-        def request_cancel(job: Job, now: float) -> Job:
-            if job.state.is_terminal() or job.cancel_requested_at is not None:
-                return job
-            update = {"cancel_requested_at": now, "delete_volume_on_cancel": flag == "true"}
-            return job.model_copy(update=update).with_event(now, "cancel-requested")
-
-        return self.reconciler.reconcile(job_id, request_cancel)
+        delete_volume = parse_query(CancelQuery, query).delete_volume == "true"
+        for _ in range(CANCEL_TRIES):
+            job = self.store.get(job_id)
+            if job.state.is_terminal():
+                raise InvalidTransition(f"job {job_id} already ended: {job.state.value}")
+            asked = job.cancel_requested_at is not None
+            if asked and (job.delete_volume_on_cancel or not delete_volume):
+                break  # already asked for, as much as now
+            now = self.clock()
+            update = {
+                "cancel_requested_at": job.cancel_requested_at or now,
+                "delete_volume_on_cancel": job.delete_volume_on_cancel or delete_volume,
+            }
+            detail = "delete its volume once safe in S3" if delete_volume else ""
+            requested = job.model_copy(update=update).with_event(now, "cancel-requested", detail)
+            try:
+                job = self.store.save(requested)
+            except ConcurrentUpdate:
+                continue
+            break
+        else:
+            raise Busy(f"job {job_id} kept changing while the cancel was written; try again")
+        return self._reconcile_best_effort(job)
 
     def report(self, job_id: str, authorization: str | None, body: Any) -> Job:
         """An agent's report, authorised by the job's secret (we keep only its hash).
@@ -452,6 +474,8 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "exit_code_restarts": job.exit_code_restarts,
         "failure": job.failure,
         "wait_until": iso(job.wait_until),
+        "cancel_requested_at": iso(job.cancel_requested_at),
+        "delete_volume_on_cancel": job.delete_volume_on_cancel,
         "attempts": [
             {
                 "number": a.number,

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib.errors import ConcurrentUpdate, InvalidJobSpec, JobNotFound, VolumeClaimed
+from chalicelib.errors import Busy, ConcurrentUpdate, InvalidJobSpec, JobNotFound, VolumeClaimed
 from chalicelib.models import LIVE_STATES, Job, JobState
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class JobStore:
                 self.refuse_if_live(volume_id, holder)
             if self._create_claiming(job, volume_id, holder):
                 return
-        raise ConcurrentUpdate(job.job_id)
+        raise Busy(f"volume_id: {volume_id} was claimed and released meanwhile; try again")
 
     def _volume_holder(self, volume_id: str) -> str | None:
         response = self._client.get_item(
