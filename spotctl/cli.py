@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -41,6 +42,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SANDBOX_DIR = Path(".sandbox")
 STATE_FILE = SANDBOX_DIR / "state.json"
 UP_TIMEOUT_SECONDS = 90.0
+PAGE = 100  # jobs per GET /jobs, the API's largest page
 DOWN_TIMEOUT_SECONDS = 60.0
 
 
@@ -126,9 +128,17 @@ def call(base: str, method: str, path: str, body: Any = None, token: str | None 
 
     ``token`` defaults to :func:`api_token` for ``base``."""
     url = base + path
-    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise CliError(f"not a URL: {base}: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CliError(f"not an http(s) URL: {url}")
-    data = json.dumps(body).encode() if body is not None else None
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+    except (TypeError, ValueError) as exc:
+        raise CliError(f"cannot send this as JSON: {exc}") from None
     headers = {"Content-Type": "application/json"} if data is not None else {}
     token = token if token is not None else api_token(base)
     if token:
@@ -138,7 +148,7 @@ def call(base: str, method: str, path: str, body: Any = None, token: str | None 
     request = urllib.request.Request(url, data=data, method=method, headers=headers)  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310
-            return json.loads(response.read().decode() or "null")
+            text = response.read().decode(errors="replace")
     except urllib.error.HTTPError as exc:
         text = exc.read().decode(errors="replace")
         try:
@@ -147,8 +157,14 @@ def call(base: str, method: str, path: str, body: Any = None, token: str | None 
             message = text
         kind = ApiUnavailable if exc.code == 429 or exc.code >= 500 else CliError
         raise kind(f"{method} {path}: HTTP {exc.code}: {message}") from None
-    except OSError as exc:
-        raise ApiUnavailable(f"cannot reach the spotctl API at {base}: {exc}") from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise ApiUnavailable(f"cannot reach the spotctl API at {base}: {exc!r}") from None
+    try:
+        return json.loads(text or "null")
+    except ValueError:
+        raise CliError(
+            f"{method} {path}: the answer is not JSON (is {base} a spotctl API?): {text[:80]!r}"
+        ) from None
 
 
 # -- rendering -------------------------------------------------------------------------------
@@ -280,11 +296,37 @@ def follow(
 # -- commands --------------------------------------------------------------------------------
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """YAML as the API reads JSON: a timestamp stays the string it was written as
+    (``deadline: 2026-12-01T00:00:00Z`` is what the API asks for, not a datetime)."""
+
+
+_SpecLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def load_spec(path: Path) -> Any:
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        return yaml.safe_load(text)
-    return json.loads(text)
+    """The job spec in ``path`` (YAML or JSON), or a CliError naming what is wrong."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"{path}: cannot read it: {exc}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            return yaml.load(text, Loader=_SpecLoader)  # noqa: S506 - a SafeLoader
+        return json.loads(text)
+    except (yaml.YAMLError, ValueError) as exc:
+        raise CliError(f"{path}: not valid {path.suffix[1:] or 'json'}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    """A parser's complaint without the multi-line excerpt PyYAML adds."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return " ".join(str(exc).split())
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -311,14 +353,31 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return _follow_to_the_end(api_url(args), args.job_id, args)
 
 
+def list_jobs(base: str, state: str | None, limit: int | None) -> list[dict[str, Any]]:
+    """Newest first, every page of them (or the first ``limit``)."""
+    jobs: list[dict[str, Any]] = []
+    token: str | None = None
+    while limit is None or len(jobs) < limit:
+        query = {"limit": str(min(PAGE, limit - len(jobs)) if limit else PAGE)}
+        if state:
+            query["state"] = state
+        if token:
+            query["next_token"] = token
+        answer = call(base, "GET", "/jobs?" + urllib.parse.urlencode(query))
+        jobs += answer["jobs"]
+        token = answer.get("next_token")
+        if not token:
+            break
+    return jobs
+
+
 def cmd_jobs(args: argparse.Namespace) -> int:
-    query = f"?state={urllib.parse.quote(args.state)}" if args.state else ""
-    answer = call(api_url(args), "GET", "/jobs" + query)
+    jobs = list_jobs(api_url(args), args.state, args.limit)
     if args.json:
-        print(json.dumps(answer, indent=2))
+        print(json.dumps(jobs, indent=2))
         return 0
     print(f"{'JOB':<20} {'NAME':<20} {'STATE':<13} {'ATTEMPTS':>8} {'COST':>10}  CREATED")
-    for job in answer["jobs"]:
+    for job in jobs:
         print(
             f"{job['job_id']:<20} {job['name']:<20} {job['state']:<13} {job['attempts']:>8} "
             f"${job['cost_usd']:>9.4f}  {_time(job['created_at'])}"
@@ -475,6 +534,16 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive whole number: {text}")
+    return value
+
+
 def _waiting_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--interval", type=_positive, default=10.0, help="seconds between polls (default 10)"
@@ -500,7 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait", action="store_true", help="then follow its events until it ends (as `wait`)"
     )
     _waiting_options(p)
-    p.set_defaults(func=cmd_submit)
+    p.set_defaults(func=cmd_submit, reads_api=True)
 
     p = sub.add_parser(
         "wait",
@@ -511,24 +580,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("job_id")
     _waiting_options(p)
-    p.set_defaults(func=cmd_wait)
+    p.set_defaults(func=cmd_wait, reads_api=True)
 
     p = sub.add_parser("jobs", help="list jobs")
     p.add_argument("--state", help="only jobs in this state (RUNNING, SUCCEEDED, ...)")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_jobs)
+    p.add_argument("--limit", type=_count, help="only the newest N (default: all)")
+    p.add_argument("--json", action="store_true", help="print them as a JSON list")
+    p.set_defaults(func=cmd_jobs, reads_api=True)
 
     p = sub.add_parser("status", help="a job's attempts, interruptions, cost and saving")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_status)
+    p.set_defaults(func=cmd_status, reads_api=True)
 
     p = sub.add_parser("cancel", help="cancel a job")
     p.add_argument("job_id")
     p.add_argument(
         "--delete-volume", action="store_true", help="delete its volume (if synced to S3)"
     )
-    p.set_defaults(func=cmd_cancel)
+    p.set_defaults(func=cmd_cancel, reads_api=True)
 
     p = sub.add_parser("logs", help="a job's events; in the sandbox also its agent logs")
     p.add_argument("job_id")
@@ -536,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="print events until the job ends (as `wait`)"
     )
     _waiting_options(p)
-    p.set_defaults(func=cmd_logs)
+    p.set_defaults(func=cmd_logs, reads_api=True)
 
     p = sub.add_parser("sandbox", help="the local sandbox (no AWS account needed)")
     sandbox = p.add_subparsers(dest="sandbox_command", required=True)
@@ -569,6 +639,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except CliError as exc:
         print(f"spotctl: {exc}", file=sys.stderr)
+        return 1
+    except (KeyError, TypeError, AttributeError) as exc:
+        if not getattr(args, "reads_api", False):
+            raise
+        # An answer of the wrong shape: another service at the URL, or another version.
+        print(f"spotctl: the API's answer is not what spotctl expects: {exc!r}", file=sys.stderr)
         return 1
     return code
 

@@ -8,9 +8,11 @@ instances away.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,6 +23,8 @@ import boto3
 import pytest
 import requests
 from botocore.awsrequest import AWSResponse, HTTPHeaders
+from chalice.config import Config as ChaliceConfig
+from chalice.local import ChaliceRequestHandler, LocalChalice, LocalDevServer
 from chalice.test import Client
 from moto.server import ThreadedMotoServer
 
@@ -30,6 +34,7 @@ from chalicelib.store import create_table
 
 EVENTS = Path(__file__).parent.parent / "fixtures" / "aws-events"
 SIGNING_KEY = "test-signing-key"
+TOKEN = "test-token-5f0c1e2d3b4a59687766554433221100"  # the API's, where it is served
 TABLE = "spotctl-test-jobs"
 
 
@@ -235,3 +240,29 @@ def policy_views(monkeypatch: pytest.MonkeyPatch) -> list[policy.PlacementView]:
 
     monkeypatch.setattr(policy, "decide_placement", spy)
     return seen
+
+
+class QuietHandler(ChaliceRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def api_url(env: Env) -> Iterator[str]:
+    """The app over real HTTP (Chalice's local server), with bearer TOKEN required."""
+    from app import app
+
+    plane = runtime.control_plane()
+    plane.config = dataclasses.replace(plane.config, auth="token", api_token=TOKEN)
+    if not isinstance(app, LocalChalice):
+        # What chalice.local.create_local_server does: per-thread current_request.
+        app.__class__ = type("ServedChalice", (LocalChalice, type(app)), {})
+    config = ChaliceConfig.create(chalice_stage="dev", app_name="spotctl")
+    server = LocalDevServer(app, config, "127.0.0.1", 0, handler_cls=QuietHandler)
+    thread = threading.Thread(target=server.server.serve_forever, daemon=True)
+    thread.start()
+    host, port = server.server.server_address[:2]
+    yield f"http://{host}:{port}"
+    server.server.shutdown()
+    thread.join()
+    server.server.server_close()

@@ -53,7 +53,7 @@ class ScriptedApi:
                 self._answer(201, view("SUBMITTED", SUBMITTED))
 
             def _answer(self, status: int, body: Any) -> None:
-                data = json.dumps(body).encode()
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))

@@ -17,31 +17,24 @@ import dataclasses
 import http.client
 import json
 import os
-import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-from chalice.config import Config as ChaliceConfig
-from chalice.local import ChaliceRequestHandler, LocalChalice, LocalDevServer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moto.dynamodb.models import dynamodb_backends
 from moto.ec2.models import ec2_backends
 
-from chalicelib import runtime
 from chalicelib.agent_auth import derive_secret
 from chalicelib.pricing import ON_DEMAND_USD_PER_HOUR
-from tests.functional.conftest import SIGNING_KEY, TABLE, Env
+from tests.functional.conftest import SIGNING_KEY, TABLE, TOKEN, Env
 
 ROOT = Path(__file__).resolve().parents[2]
 REQUESTS = int(os.environ.get("SPOTCTL_FUZZ_REQUESTS", "1000"))
-TOKEN = "fuzz-token-5f0c1e2d3b4a59687766554433221100"
 ACCOUNT = "123456789012"  # moto's default account
 REGION = "us-east-1"
 ZONES = ["us-east-1a", "us-east-1b", "us-east-1c"]
@@ -388,31 +381,6 @@ class Fuzzer:
             self.jobs.append(json.loads(answer)["job_id"])
         self.world = after
         return status
-
-
-class QuietHandler(ChaliceRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-@pytest.fixture
-def api_url(env: Env) -> Iterator[str]:
-    from app import app
-
-    plane = runtime.control_plane()
-    plane.config = dataclasses.replace(plane.config, auth="token", api_token=TOKEN)
-    if not isinstance(app, LocalChalice):
-        # What chalice.local.create_local_server does: per-thread current_request.
-        app.__class__ = type("FuzzChalice", (LocalChalice, type(app)), {})
-    config = ChaliceConfig.create(chalice_stage="dev", app_name="spotctl")
-    server = LocalDevServer(app, config, "127.0.0.1", 0, handler_cls=QuietHandler)
-    thread = threading.Thread(target=server.server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server.server_address[:2]
-    yield f"http://{host}:{port}"
-    server.server.shutdown()
-    thread.join()
-    server.server.server_close()
 
 
 def test_fuzzed_requests_never_5xx_and_refused_ones_never_write(api_url: str, env: Env) -> None:
