@@ -47,6 +47,7 @@ from chalicelib.errors import (
     JobNotFound,
     NotAuthenticated,
     NotAuthorized,
+    NotConfigured,
     RequestTooLarge,
     SpotctlError,
     VolumeClaimed,
@@ -101,6 +102,7 @@ _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     VolumeClaimed: ConflictError,
     RequestTooLarge: PayloadTooLargeError,
     Busy: ServiceUnavailableError,
+    NotConfigured: ServiceUnavailableError,
 }
 
 T = TypeVar("T")

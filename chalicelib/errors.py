@@ -15,6 +15,14 @@ class InvalidJobSpec(SpotctlError):
 class JobNotFound(SpotctlError):
     """No job has this id."""
 
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"no job {job_id}")
+        self.job_id = job_id
+
+
+class NotConfigured(SpotctlError):
+    """The deployment lacks a setting it needs (its operator's to fix, not the caller's)."""
+
 
 class NotAuthenticated(SpotctlError):
     """The call carries no credentials this API accepts for the route."""

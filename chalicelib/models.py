@@ -10,12 +10,14 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from enum import StrEnum
+from pathlib import PurePosixPath
 from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    Strict,
     StrictInt,
     StrictStr,
     field_validator,
@@ -25,6 +27,8 @@ from pydantic import (
 from chalicelib.pricing import ON_DEMAND_USD_PER_HOUR
 
 MAX_TIMELINE_EVENTS = 300
+# A JSON number, as the API's schema says: not "3", not true (pydantic would convert them).
+StrictNumber = Annotated[float, Strict()]
 
 
 class JobState(StrEnum):
@@ -103,14 +107,16 @@ class CheckpointSettings(BaseModel):
 
     directory: str = Field(default="checkpoints", max_length=200, pattern=r"^[A-Za-z0-9._/-]+$")
     stop_signal: Literal["TERM", "INT", "USR1", "USR2"] = "TERM"
-    grace_seconds: int = Field(default=90, ge=5, le=110)  # the notice is 120 s
-    sync_interval_seconds: int = Field(default=1800, ge=60, le=86400)
+    grace_seconds: StrictInt = Field(default=90, ge=5, le=110)  # the notice is 120 s
+    sync_interval_seconds: StrictInt = Field(default=1800, ge=60, le=86400)
 
     @field_validator("directory")
     @classmethod
     def _relative(cls, value: str) -> str:
         if value.startswith("/") or ".." in value.split("/"):
             raise ValueError("must be a path inside the volume (relative, no '..')")
+        if not PurePosixPath(value).parts:
+            raise ValueError("must name a directory inside the volume, not its root")
         return value
 
 
@@ -130,16 +136,16 @@ class JobSpec(BaseModel):
     availability_zones: tuple[Annotated[str, Field(max_length=32)], ...] | None = Field(
         default=None, min_length=1, max_length=30
     )
-    volume_gib: int | None = Field(default=None, ge=1, le=16384)
+    volume_gib: StrictInt | None = Field(default=None, ge=1, le=16384)
     volume_id: str | None = Field(default=None, max_length=21)
     snapshot_id: str | None = Field(default=None, max_length=22)
     results_s3_uri: str | None = Field(default=None, max_length=5 + 63 + 1 + MAX_S3_KEY_BYTES)
     deadline: datetime | None = None
-    expected_hours: float | None = Field(default=None, gt=0, le=24 * 90)
-    max_price_per_hour: float | None = Field(default=None, gt=0, le=1000)
+    expected_hours: StrictNumber | None = Field(default=None, gt=0, le=24 * 90)
+    max_price_per_hour: StrictNumber | None = Field(default=None, gt=0, le=1000)
     # A workload that exits non-zero is started again (on a new instance, from its
     # volume and so its last checkpoint) this many times before the job fails.
-    max_restarts_on_errors: int = Field(default=0, ge=0, le=10)
+    max_restarts_on_errors: StrictInt = Field(default=0, ge=0, le=10)
     # Exit codes the workload uses to ask to be started again (a transient fault it
     # recognised: an NCCL timeout, a lost GPU): these restart it whatever
     # max_restarts_on_errors says and do not use up its restarts, up to
@@ -248,6 +254,13 @@ class JobSpec(BaseModel):
         if ".." in key.split("/"):
             raise ValueError("the key has a '..' segment")
         return value.rstrip("/")
+
+    @field_validator("deadline", mode="before")
+    @classmethod
+    def _time_string(cls, value: object) -> object:
+        if value is not None and not isinstance(value, str | datetime):
+            raise ValueError("must be a time like '2026-12-01T00:00:00Z' (a string)")
+        return value
 
     @field_validator("deadline")
     @classmethod

@@ -29,6 +29,7 @@ from chalicelib.errors import (
     JobNotFound,
     NotAuthenticated,
     NotAuthorized,
+    NotConfigured,
     RequestTooLarge,
 )
 from chalicelib.log import logger
@@ -46,6 +47,7 @@ from chalicelib.models import (
 )
 from chalicelib.reconcile import Reconciler, note_rebalance
 from chalicelib.store import MAX_PAGE, JobStore
+from chalicelib.userdata import UserDataTooLarge
 
 ReportKind = Literal["started", "checkpoint_synced", "rebalance", "interrupted", "exited"]
 
@@ -217,9 +219,16 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "replace").decode("utf-8")[:64].replace("\x00", "?")
 
 
+def bearer_token(authorization: str | None) -> str:
+    """The token of an ``Authorization: Bearer <token>`` header ("" if it is not one);
+    the scheme is case-insensitive (RFC 7235)."""
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
 def check_bearer(authorization: str | None, expected: str) -> None:
     """The user routes' token check (auth mode "token"), in constant time."""
-    presented = (authorization or "").removeprefix("Bearer ").strip()
+    presented = bearer_token(authorization)
     if not expected or not presented:
         raise NotAuthenticated("this API needs 'Authorization: Bearer <token>'")
     if not hmac.compare_digest(presented.encode(), expected.encode()):
@@ -307,7 +316,7 @@ class JobService:
         An unknown job answers like a wrong secret: the route tells no one without
         the secret whether a job exists."""
         check_job_id(job_id)
-        token = (authorization or "").removeprefix("Bearer ").strip()
+        token = bearer_token(authorization)
         if not token or len(token) > MAX_AUTHORIZATION_CHARS:
             raise NotAuthorized("this secret does not belong to this job")
         try:
@@ -372,8 +381,13 @@ class JobService:
         attempt = Attempt(number=FAR_ATTEMPT, reason="", candidates=(), requested_at=now)
         try:
             self.reconciler.render_user_data(probe, attempt)
-        except ValueError as exc:
+        except UserDataTooLarge as exc:
             raise InvalidJobSpec(f"command: {exc}") from None
+        except ValueError as exc:
+            # Every field the user data carries is validated with the spec: what is left
+            # is the deployment's own settings (an API URL not set yet, say).
+            logger.error("cannot make user data", extra={"error": str(exc)})
+            raise NotConfigured(f"this deployment cannot launch instances yet: {exc}") from None
 
     def _reconcile_best_effort(self, job: Job) -> Job:
         try:

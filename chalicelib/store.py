@@ -268,7 +268,7 @@ def _encode_token(key: dict[str, Any]) -> str:
 def _decode_token(token: str, key_names: set[str]) -> dict[str, Any]:
     try:
         key = json.loads(base64.urlsafe_b64decode(token.encode()))
-    except (ValueError, binascii.Error) as exc:
+    except (ValueError, binascii.Error, RecursionError) as exc:
         raise InvalidJobSpec("next_token: not a token this API returned") from exc
     # Only the key attributes of our indexes, as strings: anything else would reach
     # DynamoDB as a malformed ExclusiveStartKey (a 500, not a 400).

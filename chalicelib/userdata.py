@@ -134,10 +134,14 @@ def _fill(slot: str, value: str, template: str) -> str:
     return template.replace(slot, f"{slot[:-2]}'{value}'", 1)
 
 
+class UserDataTooLarge(ValueError):
+    """The rendered user data is over EC2's limit (the job's command is what varies)."""
+
+
 def _checked(text: str) -> str:
     size = len(text.encode("utf-8"))
     if size > USER_DATA_LIMIT_BYTES:
-        raise ValueError(
+        raise UserDataTooLarge(
             f"user data is {size} bytes, over EC2's {USER_DATA_LIMIT_BYTES}; "
             "shorten the command or move it into the image"
         )

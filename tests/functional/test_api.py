@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 from openapi_spec_validator import validate
 
+from chalicelib import runtime
 from chalicelib.agent_auth import derive_secret
 from chalicelib.openapi import document
-from tests.functional.conftest import SIGNING_KEY, Env
+from tests.functional.conftest import SIGNING_KEY, TABLE, Env
 
 VALID: dict[str, Any] = {
     "name": "resnet",
@@ -84,12 +86,25 @@ BAD_SPECS = [
     ("image", {"image": "bad image name"}),
     ("checkpoint.grace_seconds", {"checkpoint": {"grace_seconds": 600}}),
     ("checkpoint.directory", {"checkpoint": {"directory": "../etc"}}),
+    ("checkpoint.directory", {"checkpoint": {"directory": "./"}}),
+    ("checkpoint.directory", {"checkpoint": {"directory": "."}}),
+    # A JSON number where the schema says number: pydantic would take "100" or true.
+    ("volume_gib", {"volume_gib": True}),
+    ("volume_gib", {"volume_gib": "100"}),
+    ("volume_gib", {"volume_gib": 20.0}),
+    ("expected_hours", {"expected_hours": "3"}),
+    ("max_price_per_hour", {"max_price_per_hour": True}),
+    ("max_restarts_on_errors", {"max_restarts_on_errors": True}),
+    ("checkpoint.grace_seconds", {"checkpoint": {"grace_seconds": "30"}}),
+    ("checkpoint.sync_interval_seconds", {"checkpoint": {"sync_interval_seconds": "600"}}),
+    ("deadline", {"deadline": 1790007200000}),
     ("unexpected", {"unexpected": 1}),
     ("volume_gib, volume_id or snapshot_id", {"volume_gib": None}),
 ]
 
 
 JSON = "application/json"
+NESTED_TOKEN = base64.urlsafe_b64encode(b"[" * 1500).decode()  # deeper than json can parse
 
 
 def post_raw(env: Env, body: str) -> Any:
@@ -225,6 +240,10 @@ def test_list_filters_by_state_and_paginates(env: Env) -> None:
         ("limit=x", "limit"),
         ("next_token=%%%", "next_token"),
         ("next_token=eyJhIjogeyJYIjogMX19", "next_token"),
+        (
+            "next_token=W1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tbW1tb",
+            "next_token",
+        ),  # JSON nested past the parser's depth
         ("limit=%C2%B2", "limit"),
         ("limit=%D9%A3", "limit"),
         ("state=RUNNING%00", "state"),
@@ -417,3 +436,25 @@ def test_the_volume_spotctl_made_for_a_live_job_is_refused(env: Env) -> None:
     assert response.status_code == 409, response.body
     assert f"is the data volume of job {first['job_id']}" in json.loads(response.body)["Message"]
     assert len(json.loads(env.client.http.get("/jobs").body)["jobs"]) == 1
+
+
+def test_an_unknown_job_is_404_saying_so(env: Env) -> None:
+    response = env.client.http.get("/jobs/j-0000000000000000")
+    assert response.status_code == 404
+    assert json.loads(response.body)["Message"] == "no job j-0000000000000000"
+
+
+def test_a_deployment_without_its_api_url_refuses_submissions_as_its_own_fault(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the first `chalice deploy` and the second (docs/deploy.md) the agent has
+    nowhere to report: a 503 that says so, not a 400 blaming the user's command."""
+    monkeypatch.setenv("SPOTCTL_API_URL", "")  # as .chalice/config.json has it at first
+    runtime.reset()
+    response = post_raw(env, json.dumps(VALID))
+    assert response.status_code == 503, response.body
+    message = json.loads(response.body)["Message"]
+    assert message.startswith("this deployment cannot launch instances yet: api_url")
+    table = boto3.client("dynamodb", region_name="us-east-1").scan(TableName=TABLE)
+    assert table["Items"] == []
+    assert env.cloud.volumes() == []

@@ -96,7 +96,18 @@ USER_CALLS = [
 
 @pytest.mark.parametrize(
     "authorization",
-    [None, "", "Bearer", "Bearer ", f"Bearer {TOKEN[:-1]}", f"Bearer {TOKEN}x", TOKEN.upper()],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer ",
+        f"Bearer {TOKEN[:-1]}",
+        f"Bearer {TOKEN}x",
+        TOKEN.upper(),
+        TOKEN,  # no scheme
+        f"Basic {TOKEN}",
+        f"Bearer{TOKEN}",
+    ],
 )
 def test_user_routes_without_the_token_are_401_and_write_nothing(
     token_env: Env, authorization: str | None
@@ -120,6 +131,9 @@ def test_user_routes_with_the_token_work(token_env: Env) -> None:
     assert response.status_code == 201
     job_id = json.loads(response.body)["job_id"]
     assert token_env.client.http.get(f"/jobs/{job_id}", headers=BEARER).status_code == 200
+    for scheme in ("bearer", "BEARER"):  # the scheme is case-insensitive (RFC 7235)
+        headers = {"authorization": f"{scheme}  {TOKEN}"}
+        assert token_env.client.http.get(f"/jobs/{job_id}", headers=headers).status_code == 200
     assert token_env.client.http.get("/jobs", headers=BEARER).status_code == 200
     assert token_env.client.http.delete(f"/jobs/{job_id}", headers=BEARER).status_code == 200
 
