@@ -50,6 +50,7 @@ from chalicelib.errors import (
     NotConfigured,
     RequestTooLarge,
     SpotctlError,
+    TokenReused,
     VolumeClaimed,
 )
 from chalicelib.log import logger
@@ -100,6 +101,7 @@ _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     NotAuthorized: ForbiddenError,
     InvalidTransition: ConflictError,
     VolumeClaimed: ConflictError,
+    TokenReused: ConflictError,
     RequestTooLarge: PayloadTooLargeError,
     Busy: ServiceUnavailableError,
     NotConfigured: ServiceUnavailableError,

@@ -40,6 +40,18 @@ class InvalidTransition(SpotctlError):
     """The job's state does not allow the requested change."""
 
 
+class SubmittedBefore(SpotctlError):
+    """A job was submitted with this client token already."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"submitted before as job {job_id}")
+        self.job_id = job_id
+
+
+class TokenReused(SpotctlError):
+    """A client token already made a job from a different spec."""
+
+
 class VolumeClaimed(SpotctlError):
     """The volume a submission names is the data volume of a job still live."""
 

@@ -156,6 +156,11 @@ class JobSpec(BaseModel):
     # job and shipped in the instance's user data: no secrets (see the README).
     env: dict[str, StrictStr] = Field(default_factory=dict, max_length=MAX_ENV_VARS)
     checkpoint: CheckpointSettings = CheckpointSettings()
+    # Makes submitting idempotent: a submission sent again with the same token (after a
+    # timeout, say) answers with the job the first one made. The CLI sends one for you.
+    client_token: str | None = Field(
+        default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$"
+    )
 
     @field_validator("env")
     @classmethod

@@ -159,7 +159,10 @@ def document() -> dict[str, Any]:
                     "responses": {
                         "201": _json("Job", "the job, stored and on its way"),
                         **_USER_ERRORS,
-                        "409": _error("the volume_id is the data volume of a live job"),
+                        "409": _error(
+                            "the volume_id is the data volume of a live job, or the "
+                            "client_token made a job from another spec"
+                        ),
                         "413": _error("body too large"),
                         "503": _error("busy: other writers kept changing the volume's claim"),
                     },

@@ -31,6 +31,8 @@ from chalicelib.errors import (
     NotAuthorized,
     NotConfigured,
     RequestTooLarge,
+    SubmittedBefore,
+    TokenReused,
 )
 from chalicelib.log import logger
 from chalicelib.models import (
@@ -255,6 +257,9 @@ class JobService:
 
     def submit(self, body: Any) -> Job:
         spec = parse_model(JobSpec, body)
+        earlier = self._submitted_before(spec)
+        if earlier is not None:
+            return earlier
         now = self.clock()
         _check_deadline(spec, now)
         self._check_zones(spec)
@@ -269,7 +274,10 @@ class JobService:
             secret_hash=hash_secret(derive_secret(self.signing_key(), job_id)),
         ).with_event(now, "submitted", spec.name)
         self._check_user_data(job, now)
-        self.store.create(job)
+        try:
+            self.store.create(job)
+        except SubmittedBefore as exc:  # the same submission, a moment ahead of this one
+            return self._same_spec(self.store.get(exc.job_id), spec)
         logger.info("job submitted", extra={"job_id": job_id})
         return self._reconcile_best_effort(job)
 
@@ -329,6 +337,21 @@ class JobService:
         if job.attempt(report.attempt) is None:
             raise InvalidJobSpec(f"attempt: job {job_id} has no attempt {report.attempt}")
         return self.reconciler.reconcile(job_id, _report_signal(report))
+
+    def _submitted_before(self, spec: JobSpec) -> Job | None:
+        """The job an earlier submission with this spec's client token made, if any."""
+        if spec.client_token is None:
+            return None
+        job_id = self.store.job_id_for_token(spec.client_token)
+        return None if job_id is None else self._same_spec(self.store.get(job_id), spec)
+
+    @staticmethod
+    def _same_spec(job: Job, spec: JobSpec) -> Job:
+        if job.spec != spec:
+            raise TokenReused(
+                f"client_token: job {job.job_id} was submitted with it, with another spec"
+            )
+        return job
 
     def _check_zones(self, spec: JobSpec) -> None:
         if self.region is None:

@@ -7,6 +7,8 @@ Table layout (single table, string keys):
   indexes and the write condition.
 - ``pk = "INSTANCE#<instance id>"``: ``job_id`` and ``attempt``, so an EC2 event finds
   its job with one GetItem (no scan, no EC2 tag lookup).
+- ``pk = "TOKEN#<client token>"``: ``job_id``, the job submitted with that token, so
+  a submission sent again (a timeout, a retry) finds its job instead of making another.
 - ``pk = "VOLUME#<volume id>"``: ``job_id``, the job a user's ``volume_id`` was last
   given to, written with the job itself; a new job may take the volume only from a job
   that has ended, so two live jobs never share one.
@@ -31,7 +33,14 @@ from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError
 
-from chalicelib.errors import Busy, ConcurrentUpdate, InvalidJobSpec, JobNotFound, VolumeClaimed
+from chalicelib.errors import (
+    Busy,
+    ConcurrentUpdate,
+    InvalidJobSpec,
+    JobNotFound,
+    SubmittedBefore,
+    VolumeClaimed,
+)
 from chalicelib.models import LIVE_STATES, Job, JobState
 
 if TYPE_CHECKING:
@@ -56,6 +65,10 @@ def _instance_key(instance_id: str) -> dict[str, AttributeValueTypeDef]:
 
 def _volume_key(volume_id: str) -> dict[str, AttributeValueTypeDef]:
     return {"pk": {"S": f"VOLUME#{volume_id}"}}
+
+
+def _token_key(client_token: str) -> dict[str, AttributeValueTypeDef]:
+    return {"pk": {"S": f"TOKEN#{client_token}"}}
 
 
 def _created_sort_key(job: Job) -> str:
@@ -86,28 +99,26 @@ class JobStore:
         self._table = table_name
 
     def create(self, job: Job) -> None:
-        """Store a new job; one naming a ``volume_id`` claims the volume with it, and is
-        refused (:class:`VolumeClaimed`) while a live job holds that volume."""
+        """Store a new job, with what it claims in the same transaction: its
+        ``client_token`` (:class:`SubmittedBefore` if a job has it already) and its
+        ``volume_id`` (:class:`VolumeClaimed` while a live job holds the volume)."""
         volume_id = job.spec.volume_id
-        if volume_id is None:
-            self._client.put_item(
-                TableName=self._table,
-                Item=_job_item(job),
-                ConditionExpression="attribute_not_exists(pk)",
-            )
-            return
         for _ in range(CLAIM_TRIES):
-            holder = self._volume_holder(volume_id)
-            if holder is not None:
-                self.refuse_if_live(volume_id, holder)
-            if self._create_claiming(job, volume_id, holder):
+            holder = None
+            if volume_id is not None:
+                holder = self._claimant(_volume_key(volume_id))
+                if holder is not None:
+                    self.refuse_if_live(volume_id, holder)
+            if self._create_claiming(job, holder):
                 return
         raise Busy(f"volume_id: {volume_id} was claimed and released meanwhile; try again")
 
-    def _volume_holder(self, volume_id: str) -> str | None:
-        response = self._client.get_item(
-            TableName=self._table, Key=_volume_key(volume_id), ConsistentRead=True
-        )
+    def job_id_for_token(self, client_token: str) -> str | None:
+        """The job submitted with this client token, if any."""
+        return self._claimant(_token_key(client_token))
+
+    def _claimant(self, key: dict[str, AttributeValueTypeDef]) -> str | None:
+        response = self._client.get_item(TableName=self._table, Key=key, ConsistentRead=True)
         item = response.get("Item")
         return item["job_id"]["S"] if item else None
 
@@ -123,33 +134,40 @@ class JobStore:
                 "cancel it or wait for it to end"
             )
 
-    def _create_claiming(self, job: Job, volume_id: str, holder: str | None) -> bool:
-        """The job and its volume claim in one transaction; False when another
-        submission changed the claim since we read it (``holder``)."""
-        if holder is None:
-            claim_condition: dict[str, Any] = {"ConditionExpression": "attribute_not_exists(pk)"}
-        else:
-            claim_condition = {
+    def _create_claiming(self, job: Job, holder: str | None) -> bool:
+        """The job, its token and its volume claim in one transaction; False when
+        another submission changed the volume's claim since we read it (``holder``)."""
+        new = {"ConditionExpression": "attribute_not_exists(pk)"}
+        mine = {"job_id": {"S": job.job_id}}
+        items: list[TransactWriteItemTypeDef] = [
+            {"Put": {"TableName": self._table, "Item": _job_item(job), **new}}  # type: ignore[typeddict-item]
+        ]
+        token = job.spec.client_token
+        if token is not None:
+            item = {**_token_key(token), **mine}
+            items.append({"Put": {"TableName": self._table, "Item": item, **new}})  # type: ignore[typeddict-item]
+        volume_id = job.spec.volume_id
+        if volume_id is not None:
+            taken: dict[str, Any] = {
                 "ConditionExpression": "job_id = :holder",
                 "ExpressionAttributeValues": {":holder": {"S": holder}},
             }
-        claim = {**_volume_key(volume_id), "job_id": {"S": job.job_id}}
-        items: list[TransactWriteItemTypeDef] = [
-            {
-                "Put": {
-                    "TableName": self._table,
-                    "Item": _job_item(job),
-                    "ConditionExpression": "attribute_not_exists(pk)",
-                }
-            },
-            {"Put": {"TableName": self._table, "Item": claim, **claim_condition}},  # type: ignore[typeddict-item]
-        ]
+            item = {**_volume_key(volume_id), **mine}
+            condition = new if holder is None else taken
+            items.append({"Put": {"TableName": self._table, "Item": item, **condition}})  # type: ignore[typeddict-item]
+        if len(items) == 1:
+            self._client.put_item(TableName=self._table, Item=_job_item(job), **new)  # type: ignore[arg-type]
+            return True
         try:
             self._client.transact_write_items(TransactItems=items)
         except ClientError as exc:
             reasons = exc.response.get("CancellationReasons", [])
-            codes = [reason.get("Code") for reason in reasons]
-            if len(codes) == 2 and codes[0] == "None" and codes[1] == "ConditionalCheckFailed":
+            failed = [reason.get("Code") == "ConditionalCheckFailed" for reason in reasons]
+            if token is not None and len(failed) > 1 and failed[1]:
+                earlier = self.job_id_for_token(token)
+                if earlier is not None:
+                    raise SubmittedBefore(earlier) from None
+            if volume_id is not None and failed and failed[-1]:
                 return False
             raise
         return True

@@ -23,6 +23,7 @@ import contextlib
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -43,6 +44,7 @@ SANDBOX_DIR = Path(".sandbox")
 STATE_FILE = SANDBOX_DIR / "state.json"
 UP_TIMEOUT_SECONDS = 90.0
 PAGE = 100  # jobs per GET /jobs, the API's largest page
+SUBMIT_TRIES = 5  # 1 + 2 + 4 + 8 s of pauses between them
 DOWN_TIMEOUT_SECONDS = 60.0
 
 
@@ -329,9 +331,28 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
+def submit(base: str, spec: Any) -> dict[str, Any]:
+    """POST the spec, sent again (with the same client token, so it makes one job)
+    while the API cannot be reached or answers 429/5xx, up to SUBMIT_TRIES times."""
+    if isinstance(spec, dict) and "client_token" not in spec:
+        spec = {**spec, "client_token": secrets.token_hex(16)}
+    pause = 1.0
+    for _ in range(SUBMIT_TRIES - 1):
+        try:
+            job: dict[str, Any] = call(base, "POST", "/jobs", spec)
+        except ApiUnavailable as exc:
+            print(f"spotctl: {exc}; sending it again", file=sys.stderr)
+            WAIT_CLOCK.sleep(pause)
+            pause *= 2
+        else:
+            return job
+    last: dict[str, Any] = call(base, "POST", "/jobs", spec)
+    return last
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     base = api_url(args)
-    job = call(base, "POST", "/jobs", load_spec(Path(args.spec)))
+    job = submit(base, load_spec(Path(args.spec)))
     if args.json:
         print(json.dumps(job, indent=2))
     else:

@@ -458,3 +458,23 @@ def test_a_deployment_without_its_api_url_refuses_submissions_as_its_own_fault(
     table = boto3.client("dynamodb", region_name="us-east-1").scan(TableName=TABLE)
     assert table["Items"] == []
     assert env.cloud.volumes() == []
+
+
+def test_a_submission_sent_again_with_its_client_token_makes_one_job(env: Env) -> None:
+    body = json.dumps({**VALID, "client_token": "run-7f3a"})
+    first = post_raw(env, body)
+    again = post_raw(env, body)
+    assert (first.status_code, again.status_code) == (201, 201)
+    job_id = json.loads(first.body)["job_id"]
+    assert json.loads(again.body)["job_id"] == job_id
+    assert [j["job_id"] for j in json.loads(env.client.http.get("/jobs").body)["jobs"]] == [job_id]
+    assert len(env.cloud.live_instances(job_id)) == 1
+    made = env.ec2.describe_volumes(Filters=[{"Name": "tag-key", "Values": ["spotctl:job-id"]}])
+    assert len(made["Volumes"]) == 1
+
+    other = post_raw(env, json.dumps({**VALID, "name": "other", "client_token": "run-7f3a"}))
+    assert other.status_code == 409, other.body
+    assert json.loads(other.body)["Message"] == (
+        f"client_token: job {job_id} was submitted with it, with another spec"
+    )
+    assert len(json.loads(env.client.http.get("/jobs").body)["jobs"]) == 1

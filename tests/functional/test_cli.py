@@ -10,10 +10,11 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spotctl import cli
 from tests.functional.conftest import TOKEN, Env
-from tests.functional.test_cli_wait import ScriptedApi
+from tests.functional.test_cli_wait import FakeTime, ScriptedApi, view
 
 SPEC = "name: resnet\ncommand: [python, train.py]\ninstance_types: [g4dn.xlarge]\nvolume_gib: 20\n"
 
@@ -126,3 +127,36 @@ def test_jobs_lists_every_page_newest_first(
     with pytest.raises(SystemExit):
         spotctl(api_url, "jobs", "--limit", "0")
     assert "not a positive whole number: 0" in capsys.readouterr().err
+
+
+def test_submit_sends_a_client_token_and_the_same_submission_again_when_unanswered(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "WAIT_CLOCK", FakeTime())
+    spec = tmp_path / "job.yaml"
+    spec.write_text(SPEC)
+    posts = [(504, {"message": "Endpoint request timed out"}), (201, view("SUBMITTED"))]
+    with ScriptedApi([(200, {})], posts) as api:
+        assert spotctl(api.url, "submit", str(spec)) == 0
+    bodies = [json.loads(r.split(" ", 2)[2]) for r in api.requests]
+    assert len(bodies) == 2
+    assert bodies[0] == bodies[1]
+    assert len(bodies[0]["client_token"]) == 32
+    assert "HTTP 504" in capsys.readouterr().err
+
+    with ScriptedApi([(200, {})], [(201, view("SUBMITTED"))]) as api:
+        assert spotctl(api.url, "submit", str(spec)) == 0
+    assert json.loads(api.requests[0].split(" ", 2)[2])["client_token"] != bodies[0]["client_token"]
+
+
+def test_a_resent_submission_reaches_the_job_the_first_made(
+    api_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({**yaml.safe_load(SPEC), "client_token": "mine-1"}))
+    assert spotctl(api_url, "submit", str(spec)) == 0
+    assert spotctl(api_url, "submit", str(spec)) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first.split()[0] == second.split()[0]
+    assert spotctl(api_url, "jobs", "--json") == 0
+    assert len(json.loads(capsys.readouterr().out)) == 1

@@ -35,10 +35,13 @@ ENDED = event(30, "exited", 2, "exit code 0")
 
 class ScriptedApi:
     """Answers GET /jobs/<id> with the next (status, body) of its script, the last
-    one for good; POST /jobs with the first."""
+    one for good; POST /jobs likewise from ``posts``."""
 
-    def __init__(self, script: list[tuple[int, Any]]) -> None:
+    def __init__(
+        self, script: list[tuple[int, Any]], posts: list[tuple[int, Any]] | None = None
+    ) -> None:
         self.script = script
+        self.posts = posts or [(201, view("SUBMITTED", SUBMITTED))]
         self.requests: list[str] = []
         api = self
 
@@ -50,7 +53,7 @@ class ScriptedApi:
             def do_POST(self) -> None:
                 length = int(self.headers["content-length"])
                 api.requests.append(f"POST {self.path} {self.rfile.read(length).decode()}")
-                self._answer(201, view("SUBMITTED", SUBMITTED))
+                self._answer(*(api.posts.pop(0) if len(api.posts) > 1 else api.posts[0]))
 
             def _answer(self, status: int, body: Any) -> None:
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()

@@ -257,3 +257,27 @@ def test_two_submissions_of_one_volume_at_once_start_one_job(cloud: LocalCloud) 
     jobs, _ = a.store.page(None, 10, None)
     assert [j.job_id for j in jobs] == [job.job_id]
     assert a.store.get(job.job_id).volume is not None
+
+
+def test_a_submission_and_its_resend_at_once_make_one_job(cloud: LocalCloud) -> None:
+    """The resend found no job for its token, then the first submission stored one:
+    the resend's write fails on the token's condition and answers with that job."""
+    spec = {**SPEC, "client_token": "resent-4c1d"}
+    a = lambda_container(cloud)
+    b = lambda_container(cloud)
+    first: list[Job] = []
+
+    def a_submits_meanwhile(**_: Any) -> None:
+        if not first:
+            first.append(a.service.submit(spec))
+
+    for operation in ("PutItem", "TransactWriteItems"):
+        b.store._client.meta.events.register(
+            f"before-call.dynamodb.{operation}", a_submits_meanwhile
+        )
+    resent = b.service.submit(spec)
+    (job,) = first
+    assert resent.job_id == job.job_id
+    jobs, _ = a.store.page(None, 10, None)
+    assert [j.job_id for j in jobs] == [job.job_id]
+    assert live_instances(cloud, job.job_id) == [job.attempts[0].instance_id]
