@@ -193,7 +193,7 @@ def document() -> dict[str, Any]:
                         "200": _json("Job", "cancel requested"),
                         **_USER_ERRORS,
                         "404": _error("no such job"),
-                        "409": _error("the job already ended"),
+                        "409": _error("the job already succeeded or failed"),
                         "503": _error("busy: the job kept changing; the cancel was not stored"),
                     },
                 },

@@ -297,6 +297,8 @@ class JobService:
         delete_volume = parse_query(CancelQuery, query).delete_volume == "true"
         for _ in range(CANCEL_TRIES):
             job = self.store.get(job_id)
+            if job.state is JobState.CANCELLED:
+                return job  # a resent cancel (its answer was lost): done already
             if job.state.is_terminal():
                 raise InvalidTransition(f"job {job_id} already ended: {job.state.value}")
             asked = job.cancel_requested_at is not None

@@ -295,7 +295,21 @@ def test_bad_report_is_400_and_writes_nothing(env: Env, body: dict[str, Any], fi
 def test_cancel_of_an_ended_job_is_409(env: Env) -> None:
     job_id = env.submit()["job_id"]
     env.report(job_id, {"attempt": 1, "kind": "exited", "exit_code": 0})
-    assert env.client.http.delete(f"/jobs/{job_id}").status_code == 409
+    response = env.client.http.delete(f"/jobs/{job_id}")
+    assert response.status_code == 409
+    assert json.loads(response.body)["Message"] == f"job {job_id} already ended: SUCCEEDED"
+
+
+def test_a_cancel_sent_again_after_the_job_was_cancelled_answers_with_it(env: Env) -> None:
+    job_id = env.submit()["job_id"]
+    assert env.client.http.delete(f"/jobs/{job_id}").status_code == 200
+    env.cloud.sweep()
+    cancelled = env.job(job_id)
+    assert cancelled["state"] == "CANCELLED"
+    again = env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    assert again.status_code == 200, again.body
+    assert json.loads(again.body)["state"] == "CANCELLED"
+    assert env.job(job_id) == cancelled  # nothing written
 
 
 def test_cancel_with_a_bad_flag_is_400_and_changes_nothing(env: Env) -> None:
