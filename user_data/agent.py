@@ -1,23 +1,25 @@
 #!/usr/bin/env python3
-"""spotctl instance agent, exec'd by bootstrap.sh once the job's volume is mounted.
-
-``agent.py pick-member TABLE INDEX PARAMS``: see pick_member.
-
-Restores checkpoints onto a fresh volume, runs the workload, polls instance metadata
-for the interruption notice and the rebalance recommendation, syncs checkpoints to S3,
-reports to the spotctl API, and shuts the instance down. Standard library only, and
-Python 3.9 (Amazon Linux 2023's python3). Overrides: see the top of bootstrap.sh.
-"""
+# spotctl instance agent, exec'd by bootstrap.sh once the job's volume is mounted.
+# (``agent.py pick-member TABLE INDEX PARAMS``: see pick_member.)
+#
+# Restores checkpoints onto a fresh volume, runs the workload, polls instance metadata
+# for the interruption notice and the rebalance recommendation, syncs checkpoints to S3,
+# reports to the spotctl API, and shuts the instance down. Standard library only, and
+# Python 3.9 (Amazon Linux 2023's python3). Overrides: docs/workload-contract.md.
+# Comments, unlike docstrings, are not shipped (chalicelib/userdata.py): the user data
+# is limited to 16 KB.
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import itertools
 import json
 import logging
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -29,12 +31,24 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import IO, Any
 
 LOG = logging.getLogger("agent")
 MARKER = ".spotctl/volume-id"  # the volume this filesystem was last mounted from
 ECR_HOST = re.compile(r"\d{12}\.dkr\.ecr\.([a-z0-9-]+)\.amazonaws\.com(\.cn)?")
 LEAVE_TAG = "spotctl:leave"
+# The exit code told when the agent could not run the workload to its end (the restore
+# failed, or the agent did): the job fails, or restarts if its spec allows, rather than
+# being relaunched without end. docker uses 125 alike.
+AGENT_FAILED = 125
+RESTORE_TRIES = 6  # 30-60 s of backoff with the default 2 s
+FINAL_SYNC_SECONDS = 300  # after the workload's exit, the last sync is retried this long
+# After the exit, its report is retried this long: a long job's result is worth an API
+# outage (a deploy, throttling; lost, the job would run again), but the instance bills
+# meanwhile.
+FINAL_REPORT_SECONDS = 600
+STOP_RESERVE_SECONDS = 30  # of a notice's two minutes, kept for the last sync and report
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class Settings:
     poll_seconds: float
     report_attempts: int
     report_backoff_seconds: float
+    sync_backoff_seconds: float
     pull_attempts: int
 
     @classmethod
@@ -87,17 +102,70 @@ class Settings:
             poll_seconds=float(get("POLL_SECONDS", "5")),
             report_attempts=int(get("REPORT_ATTEMPTS", "8")),
             report_backoff_seconds=float(get("REPORT_BACKOFF_SECONDS", "1")),
+            sync_backoff_seconds=float(get("SYNC_BACKOFF_SECONDS", "2")),
             pull_attempts=int(get("PULL_ATTEMPTS", "3")),
         )
 
 
-def run_command(argv: list[str], stdin_text: str | None = None) -> tuple[int, str]:
-    """Run a short external command; its exit code and combined output."""
+def run_command(
+    argv: list[str], stdin_text: str | None = None, timeout: float | None = None
+) -> tuple[int, str]:
+    # Run an external command; its exit code (124: timed out) and combined output.
     try:
-        done = subprocess.run(argv, input=stdin_text, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            argv, input=stdin_text, capture_output=True, text=True, check=False, timeout=timeout
+        )
+    except subprocess.TimeoutExpired:
+        return 124, f"timed out after {timeout:.0f}s"
     except OSError as exc:
         return 127, str(exc)
     return done.returncode, done.stdout + done.stderr
+
+
+def retried(
+    what: str, attempt: Callable[[], bool | None], backoff: float, tries: int, until: float = 0
+) -> bool:
+    # attempt() until it returns True (None: give up), with doubling jittered pauses,
+    # ``tries`` times or, given ``until`` (monotonic), while a pause ends before it.
+    for n in itertools.count(1):
+        done = attempt()
+        if done is not False:
+            return bool(done)
+        delay = min(backoff * 2 ** (n - 1), 60.0) * random.uniform(0.5, 1.0)
+        if (time.monotonic() + delay >= until) if until else (n >= tries):
+            LOG.error("%s: gave up after %d tries", what, n)
+            return False
+        time.sleep(delay)
+    return False
+
+
+def notice_time(notice: str) -> float | None:
+    # The notice's "time" (2026-11-28T12:02:00Z) as epoch seconds.
+    try:
+        when = json.loads(notice)["time"]
+        return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def files_under(top: str) -> list[str]:
+    # The paths of the files under ``top``, relative to it.
+    paths = (os.path.join(d, name) for d, _, names in os.walk(top) for name in names)
+    return [os.path.relpath(path, top) for path in paths]
+
+
+def group_alive(pgid: int) -> bool:
+    # Zombies do not count: an orphan whose parent died waits for init to reap it.
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
+                stat = f.read()
+        except OSError:
+            continue  # ended meanwhile
+        state, _ppid, pgrp = stat.rsplit(")", 1)[1].split()[:3]  # after "pid (comm)"
+        if int(pgrp) == pgid and state not in ("Z", "X"):
+            return True
+    return False
 
 
 def http_open(
@@ -130,7 +198,7 @@ class Metadata:
         return self._token
 
     def get(self, path: str) -> str | None:
-        """meta-data/<path>, or None when it is absent (404)."""
+        # meta-data/<path>, or None when it is absent (404).
         for _ in range(2):
             token = {"X-aws-ec2-metadata-token": self._fresh_token()}
             try:
@@ -145,7 +213,7 @@ class Metadata:
         raise OSError(f"metadata {path}: token refused twice")
 
     def probe(self, path: str) -> str | None:
-        """get(), with a metadata outage logged and read as "nothing there"."""
+        # get(), with a metadata outage logged and read as "nothing there".
         try:
             return self.get(path)
         except NO_ANSWER as exc:
@@ -154,7 +222,7 @@ class Metadata:
 
 
 class Reporter:
-    """POST {api}/jobs/{id}/reports: 2xx done, other 4xx final, 429/5xx/no answer retried."""
+    """POST {api}/jobs/{id}/reports: 4xx but 408/429 final, else retried."""
 
     def __init__(self, params: Params, settings: Settings) -> None:
         self._params = params
@@ -163,7 +231,14 @@ class Reporter:
         self._url = f"{params.api_url}/jobs/{urllib.parse.quote(params.job_id, safe='')}/reports"
         self._pending: list[threading.Thread] = []
 
-    def report(self, kind: str, exit_code: int | None = None, detail: str = "") -> bool:
+    def report(
+        self,
+        kind: str,
+        exit_code: int | None = None,
+        detail: str = "",
+        until: float = 0,
+    ) -> bool:
+        # Tried report_attempts times or, given ``until``, until that monotonic time.
         body: dict[str, Any] = {"attempt": self._params.attempt, "kind": kind}
         if exit_code is not None:
             body["exit_code"] = exit_code
@@ -173,34 +248,31 @@ class Reporter:
             "Authorization": f"Bearer {self._params.secret}",
             "Content-Type": "application/json",
         }
-        for attempt in range(1, self._attempts + 1):
+
+        def post() -> bool | None:
             try:
                 with http_open(self._url, "POST", headers, 10, json.dumps(body).encode()) as r:
                     LOG.info("reported %s (HTTP %s)", kind, r.status)
                     return True
             except urllib.error.HTTPError as exc:
-                if exc.code != 429 and exc.code < 500:
+                if exc.code not in (408, 429) and exc.code < 500:
                     LOG.error("report %s refused (HTTP %s); not retrying", kind, exc.code)
-                    return False
-                why = f"HTTP {exc.code}"
+                    return None
+                LOG.warning("report %s failed (HTTP %s)", kind, exc.code)
             except NO_ANSWER as exc:
-                why = str(exc) or type(exc).__name__
-            if attempt == self._attempts:
-                LOG.error("report %s failed (%s); gave up after %d tries", kind, why, attempt)
-                return False
-            delay = min(self._backoff * 2 ** (attempt - 1), 60.0) * random.uniform(0.5, 1.0)
-            LOG.warning("report %s failed (%s); retry in %.1fs", kind, why, delay)
-            time.sleep(delay)
-        return False
+                LOG.warning("report %s failed (%s)", kind, str(exc) or type(exc).__name__)
+            return False
+
+        return retried(f"report {kind}", post, self._backoff, self._attempts, until)
 
     def report_soon(self, kind: str, detail: str = "") -> None:
-        """Report from a thread, so that watching never waits for the API."""
+        # Report from a thread, so that watching never waits for the API.
         thread = threading.Thread(target=self.report, args=(kind, None, detail), daemon=True)
         thread.start()
         self._pending.append(thread)
 
     def drain(self, timeout: float) -> None:
-        """Let earlier reports land first, so that the API sees them in order."""
+        # Let earlier reports land first, so that the API sees them in order.
         deadline = time.monotonic() + timeout
         for thread in self._pending:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -210,50 +282,83 @@ class CheckpointStore:
     """The checkpoint directory on the volume, mirrored under the job's S3 prefix."""
 
     def __init__(self, params: Params, settings: Settings) -> None:
+        self.mount = settings.mount_point
         self.local = os.path.join(settings.mount_point, params.checkpoint_dir)
         prefix = params.s3_prefix
         self.remote = f"{prefix}/{params.checkpoint_dir}/" if prefix else None
         self.logs_remote = f"{prefix}/logs/attempt-{params.attempt}/" if prefix else None
+        self._backoff = settings.sync_backoff_seconds
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.on_synced: Callable[[int], None] = lambda uploaded: None
 
-    def restore(self) -> None:
-        """Copy S3's checkpoints onto the volume; never deletes anything."""
-        for attempt in range(3):
-            if self.remote is None:
-                return
-            rc, out = run_command(["aws", "s3", "sync", self.remote, self.local, "--no-progress"])
-            if rc == 0:
-                LOG.info("restored %d file(s) from %s", out.count("download:"), self.remote)
-                return
-            LOG.warning("restore from %s failed (exit %d): %s", self.remote, rc, out.strip())
-            time.sleep(2**attempt)
-        LOG.error("could not restore from %s; starting without it", self.remote)
-
-    def push(self, periodic: bool = False) -> bool:
-        """Upload new and changed checkpoints (no deletes); waits for a sync in flight."""
+    def restore(self) -> bool:
+        # Copy S3's newer checkpoints onto the volume (no deletes); False if S3 failed.
+        # `aws s3 sync` copies whenever the sizes differ, even an S3 file older than the
+        # volume's (a volume from a snapshot taken after the last sync is ahead of S3).
+        # So it syncs into a staging copy made of hard links (no space taken; a download
+        # replaces a link by a rename, never writes through it), and a downloaded file
+        # goes into place only where it is newer (sync gives it the object's time).
         if self.remote is None:
             return True
-        with self._lock:
+        staging = os.path.join(self.mount, ".spotctl", "restore")
+        shutil.rmtree(staging, ignore_errors=True)
+        for name in files_under(self.local):
+            with contextlib.suppress(OSError):  # not linked: downloaded, then compared
+                os.makedirs(os.path.dirname(os.path.join(staging, name)), exist_ok=True)
+                os.link(os.path.join(self.local, name), os.path.join(staging, name))
+
+        def download() -> bool:
+            rc, out = run_command(["aws", "s3", "sync", str(self.remote), staging, "--no-progress"])
+            if rc != 0:
+                LOG.warning("restore from %s failed (exit %d): %s", self.remote, rc, out.strip())
+            return rc == 0
+
+        if not retried("restore", download, self._backoff, RESTORE_TRIES):
+            return False
+        restored = 0
+        for name in files_under(staging):
+            new, old = os.path.join(staging, name), os.path.join(self.local, name)
+            if os.path.exists(old) and (
+                os.path.samefile(new, old) or os.path.getmtime(old) >= os.path.getmtime(new)
+            ):
+                continue
+            os.makedirs(os.path.dirname(old), exist_ok=True)
+            os.replace(new, old)
+            restored += 1
+        shutil.rmtree(staging, ignore_errors=True)
+        LOG.info("restored %d file(s) from %s", restored, self.remote)
+        return True
+
+    def push(self, until: float = 0, hard: bool = False) -> bool:
+        # Upload new and changed checkpoints (no deletes). A periodic sync tries once
+        # (the next one comes); the last is retried until ``until`` (monotonic), and
+        # with ``hard`` not even an upload under way outlasts it.
+
+        def upload() -> bool:
             os.sync()
             # A workload writes "<name>.tmp" and renames it: never upload a half file.
-            argv = ["aws", "s3", "sync", self.local, self.remote, "--no-progress"]
-            rc, out = run_command([*argv, "--exclude", "*.tmp"])
-            uploaded = out.count("upload:")
-            # Exit 2: some files were skipped (a .tmp renamed away mid-sync); the rest
-            # went up and the next sync takes the renamed file.
+            argv = ["aws", "s3", "sync", self.local, str(self.remote), "--no-progress"]
+            timeout = max(1, until - time.monotonic()) if hard else None
+            rc, out = run_command([*argv, "--exclude", "*.tmp"], timeout=timeout)
+            # Exit 2: a .tmp renamed away mid-sync was skipped; the next takes it.
             if rc not in (0, 2):
                 LOG.error("sync to %s failed (exit %d): %s", self.remote, rc, out.strip())
                 return False
+            uploaded = out.count("upload:")
             LOG.info("synced %d file(s) to %s", uploaded, self.remote)
-            if uploaded and periodic:  # the last sync is told in exited/interrupted
+            if uploaded and not until:  # the last sync is told in its report
                 self.on_synced(uploaded)
             return True
 
+        if self.remote is None:
+            return True
+        with self._lock:  # a periodic sync in flight ends first
+            return retried("sync", upload, self._backoff, 1, until)
+
     def push_soon(self) -> None:
         if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self.push, args=(True,), daemon=True)
+            self._thread = threading.Thread(target=self.push, daemon=True)
             self._thread.start()
 
     def push_logs(self, log_dir: str) -> None:
@@ -319,7 +424,9 @@ class Workload:
     def run_argv(self) -> list[str]:
         p, mount = self.params, self.settings.mount_point
         rc, gpus = run_command(["nvidia-smi", "-L"])
-        argv = ["docker", "run", "--rm", "--init", "--ipc=host", "--name", self.container]
+        argv = ["docker", "run", "--rm", "--ipc=host", "--name", self.container]
+        # tini (--init) gets docker kill's signal: to the child's whole process group.
+        argv += ["--init", "-e", "TINI_KILL_PROCESS_GROUP=1"]
         argv += ["--gpus", "all"] if rc == 0 and "GPU" in gpus else []
         argv += ["-v", f"{mount}:{mount}", "-e", f"SPOTCTL_JOB_ID={p.job_id}"]
         argv += ["-e", f"SPOTCTL_ATTEMPT={p.attempt}"]
@@ -329,17 +436,17 @@ class Workload:
         return [*argv, str(p.image), *p.command]
 
     def env_file(self) -> str:
-        """The job's variables for ``docker run --env-file`` (a file only root reads):
-        out of docker's argv, and out of the docker client's own environment, where a
-        PATH or DOCKER_HOST meant for the container would steer the client. One
-        NAME=VALUE a line; the API accepts only single-line values."""
+        # The job's variables for ``docker run --env-file`` (a file only root reads):
+        # out of docker's argv, and out of the docker client's own environment, where a
+        # PATH or DOCKER_HOST meant for the container would steer the client. One
+        # NAME=VALUE a line; the API accepts only single-line values.
         fd, path = tempfile.mkstemp(prefix="spotctl-env-")
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.writelines(f"{name}={value}\n" for name, value in self.params.env.items())
         return path
 
     def poll(self) -> int | None:
-        """None while the workload (or its image pull) goes on, else its exit code."""
+        # None while the workload (or its image pull) goes on, else its exit code.
         code = 127 if self.proc is None else self.proc.poll()
         if code is None or self.phase != "pull" or self.stopping:
             return None if code is None else shell_code(code)
@@ -365,21 +472,55 @@ class Workload:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         return code
 
+    def running(self) -> bool:
+        # Its first process, or any other of its process group: a "bash -c" wrapper
+        # dies on SIGTERM while the python it started still saves.
+        if self.proc is None:
+            return False
+        return self.proc.poll() is None or group_alive(self.proc.pid)
+
+    def wait_gone(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.running():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
+        return True
+
+    def stop(self, signame: str, grace: float) -> int | None:
+        # Signal it, wait up to ``grace`` for all of it to end, then SIGKILL what is
+        # left (even once the first process is gone). The first process's exit code.
+        self.send(signame)
+        if not self.wait_gone(grace):
+            LOG.warning("workload still running after %.0fs; killing it", grace)
+            self.send("KILL")
+            self.wait_gone(5)
+        return self.poll()
+
     def send(self, signame: str) -> None:
         self.stopping = True
-        if self.proc is None or self.proc.poll() is not None:
+        if self.proc is None:
             return
-        if self.phase == "run" and self.params.image:
+        if self.phase == "run" and self.params.image and self.proc.poll() is None:
             rc, out = run_command(["docker", "kill", "--signal", signame, self.container])
-            if rc == 0:
+            if rc == 0 and signame != "KILL":
                 return
-            LOG.warning("docker kill --signal %s failed: %s", signame, out.strip())
+            if rc != 0:
+                LOG.warning("docker kill --signal %s failed: %s", signame, out.strip())
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, getattr(signal, "SIG" + signame))
 
 
+def shutdown() -> int:
+    LOG.info("shutting down")
+    rc, out = run_command(["shutdown", "-h", "now"])
+    if rc != 0:
+        LOG.error("shutdown failed (exit %d): %s", rc, out.strip())
+    return 0
+
+
 def shell_code(returncode: int) -> int:
-    """Popen says -N for death by signal N; report it as a shell does, 128+N."""
+    # Popen says -N for death by signal N; report it as a shell does, 128+N.
     return 128 - returncode if returncode < 0 else returncode
 
 
@@ -396,12 +537,11 @@ class Agent:
         )
         self.stop_reason = ""  # set when the agent itself gets SIGTERM
 
-    def prepare_volume(self) -> None:
-        """Restore from S3 unless this filesystem already was this job's volume.
-
-        A new volume has no marker; one made from a snapshot in another AZ names the
-        old volume. Either way S3 may hold checkpoints newer than what it carries.
-        """
+    def prepare_volume(self) -> bool:
+        # Restore from S3 unless this filesystem already was this job's volume.
+        # A new volume has no marker; one made from a snapshot in another AZ names the
+        # old volume. Either way S3 may hold checkpoints newer than what it carries. The
+        # marker is written only once restored: a failed restore is tried again.
         os.makedirs(self.store.local, exist_ok=True)
         marker = os.path.join(self.settings.mount_point, MARKER)
         seen = ""
@@ -409,18 +549,25 @@ class Agent:
             seen = f.read().strip()
         if seen == self.params.volume_id:
             LOG.info("volume was already this job's; nothing to restore")
-            return
+            return True
         LOG.info("fresh volume (last held by %s); restoring checkpoints", seen or "nothing")
-        self.store.restore()
+        if not self.store.restore():
+            return False
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         with open(marker + ".tmp", "w", encoding="utf-8") as f:
             f.write(self.params.volume_id + "\n")
         os.replace(marker + ".tmp", marker)
+        return True
 
     def run(self) -> int:
         p, env = self.params, self.env
         LOG.info("job %s attempt %d", p.job_id, p.attempt)
-        self.prepare_volume()
+        if not self.prepare_volume():
+            # Run from the volume's older state, its next sync would overwrite the newer
+            # checkpoints in S3. Nothing ran, so nothing is synced either.
+            why = f"could not restore from {self.store.remote}; the workload was not started"
+            LOG.error("%s", why)
+            return self.exit_report(AGENT_FAILED, why)
         os.makedirs(self.settings.log_dir, exist_ok=True)
         with open(os.path.join(self.settings.log_dir, "workload.log"), "a") as output:
             workload = Workload(p, self.settings, output)
@@ -460,43 +607,49 @@ class Agent:
             workload.wait(self.settings.poll_seconds)
 
     def interrupted(self, workload: Workload, notice: str) -> int:
-        p = self.params
-        LOG.warning("interruption: %s; SIG%s to the workload", notice, p.stop_signal)
-        workload.send(p.stop_signal)
-        code = workload.wait(p.grace_seconds)
-        if code is None:
-            LOG.warning("workload still running after %ds; killing it", p.grace_seconds)
-            workload.send("KILL")
-            code = workload.wait(10)
-        synced = self.store.push()
+        p, reserve = self.params, STOP_RESERVE_SECONDS
+        # EC2 takes the instance at the notice's time: the grace ends early enough to
+        # keep STOP_RESERVE_SECONDS for the last sync and the report, and the sync ends
+        # in time for the report. Told otherwise (the leave tag, the OS), or by a time
+        # already past (the instance would be gone: the clocks disagree), the full
+        # grace, and the sync is retried for the reserve but never cut short.
+        now, goes_at, wall = time.monotonic(), notice_time(notice), time.time()
+        if goes_at is not None and goes_at > wall:
+            deadline, known = now + goes_at - wall, True
+        else:
+            deadline, known = now + p.grace_seconds + reserve, False
+        grace = max(0.0, min(p.grace_seconds, deadline - reserve - now))
+        LOG.warning("interruption: %s; SIG%s, %.0fs of grace", notice, p.stop_signal, grace)
+        code = workload.stop(p.stop_signal, grace)
+        synced = self.store.push(until=deadline - 5, hard=known)
         detail = f"{notice.strip()}; workload exit {code}; sync {'ok' if synced else 'FAILED'}"
         self.reporter.drain(5)
-        self.reporter.report("interrupted", detail=detail)
+        self.reporter.report("interrupted", detail=detail, until=deadline)
         self.store.push_logs(self.settings.log_dir)
         # Going now frees the volume for the replacement.
-        return self.shutdown()
+        return shutdown()
 
     def finish(self, workload: Workload, code: int) -> int:
         LOG.info("workload exited with %d", code)
-        synced = self.store.push()
-        detail = workload.error or f"sync {'ok' if synced else 'FAILED'}"
-        self.reporter.drain(10)
-        self.reporter.report("exited", exit_code=code, detail=detail)
-        self.store.push_logs(self.settings.log_dir)
-        return self.shutdown()
+        if workload.running():  # what a "&" in a "bash -c" started
+            workload.stop(self.params.stop_signal, self.params.grace_seconds)
+        synced = self.store.push(until=time.monotonic() + FINAL_SYNC_SECONDS)
+        sync = f"sync {'ok' if synced else 'FAILED'}"
+        return self.exit_report(code, f"{workload.error}; {sync}" if workload.error else sync)
 
-    def shutdown(self) -> int:
-        LOG.info("shutting down")
-        rc, out = run_command(["shutdown", "-h", "now"])
-        if rc != 0:
-            LOG.error("shutdown failed (exit %d): %s", rc, out.strip())
-        return 0
+    def exit_report(self, code: int, detail: str) -> int:
+        self.reporter.drain(10)
+        until = time.monotonic() + FINAL_REPORT_SECONDS
+        with contextlib.suppress(Exception):  # a report that fails must not skip shutdown
+            self.reporter.report("exited", exit_code=code, detail=detail, until=until)
+            self.store.push_logs(self.settings.log_dir)
+        return shutdown()
 
 
 def pick_member(table_path: str, index: int, params_path: str) -> str:
-    """On an instance of a batch (bootstrap.sh runs this first): keep member ``index`` (our
-    ami-launch-index) of the table as params.json and delete the table, which holds
-    every member's secret. Returns the line to log."""
+    # On an instance of a batch (bootstrap.sh runs this first): keep member ``index``
+    # (our ami-launch-index) of the table as params.json and delete the table, which
+    # holds every member's secret. Returns the line to log.
     with open(table_path, encoding="utf-8") as f:
         members: list[dict[str, Any]] = json.load(f)
     if not 0 <= index < len(members):
@@ -524,13 +677,23 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s agent: %(levelname)s %(message)s",
     )
     env = dict(os.environ)
-    agent = Agent(Params.load(argv[1]), Settings.from_env(env), env)
+    agent: Agent | None = None
+    # bootstrap.sh exec'd us, so its EXIT trap is gone: whatever fails, this is the last
+    # code to run on the instance, and it must report and shut the instance down.
+    try:
+        agent = Agent(Params.load(argv[1]), Settings.from_env(env), env)
 
-    def on_sigterm(signum: int, frame: object) -> None:
-        agent.stop_reason = "agent got SIGTERM (instance shutting down)"
+        def on_sigterm(signum: int, frame: object) -> None:
+            if agent is not None:
+                agent.stop_reason = "agent got SIGTERM (instance shutting down)"
 
-    signal.signal(signal.SIGTERM, on_sigterm)
-    return agent.run()
+        signal.signal(signal.SIGTERM, on_sigterm)
+        return agent.run()
+    except BaseException as exc:
+        LOG.exception("agent failed")
+        if agent is None:
+            return shutdown()
+        return agent.exit_report(AGENT_FAILED, f"agent failed: {exc!r}")
 
 
 if __name__ == "__main__":

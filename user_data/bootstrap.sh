@@ -1,27 +1,7 @@
 #!/bin/bash
-# spotctl instance bootstrap. cloud-init.sh (the rendered user data) unpacks this file,
-# agent.py and params.json (the job; or members.json, a batch's) into SPOTCTL_STATE_DIR
-# and runs it.
-#
-# Steps: IMDSv2 token and instance identity; in a batch, pick our job; wait for the
-# job's EBS volume; make a filesystem only on a blank device; mount it and grow it;
-# then exec the agent, which restores checkpoints, runs the workload, watches for
-# interruption, syncs to S3, reports to the API and shuts the instance down.
-#
-# Environment overrides (for tests and the local sandbox; EC2 uses the defaults):
-#   SPOTCTL_IMDS_URL             instance metadata base URL    [http://169.254.169.254]
-#   SPOTCTL_MOUNT_POINT          where the volume is mounted   [/mnt/data]
-#   SPOTCTL_LOG_DIR              agent.log and workload.log    [/var/log/spotctl]
-#   SPOTCTL_STATE_DIR            params.json and agent.py      [/run/spotctl]
-#   SPOTCTL_PYTHON               interpreter for the agent     [python3]
-#   SPOTCTL_VOLUME_WAIT_SECONDS  give up waiting for the volume after this long [600]
-#   SPOTCTL_VOLUME_POLL_SECONDS  how often to look for it      [2]
-#   SPOTCTL_FS_TYPE              filesystem for a blank volume: ext4 or xfs [ext4]
-#   SPOTCTL_POLL_SECONDS, SPOTCTL_REPORT_ATTEMPTS, SPOTCTL_REPORT_BACKOFF_SECONDS,
-#   SPOTCTL_PULL_ATTEMPTS        read by the agent; see agent.py
-# Every external command (curl, lsblk, blkid, mkfs.ext4, mkfs.xfs, mount, resize2fs,
-# xfs_growfs, shutdown, and in the agent aws, docker, nvidia-smi) is called by name
-# through PATH, so tests and the sandbox replace them with shims.
+# spotctl instance bootstrap, unpacked and run by cloud-init.sh: find the job's volume,
+# format it only if blank, mount and grow it, then exec agent.py. Overrides (SPOTCTL_*)
+# and the PATH shims tests use for every external command: docs/workload-contract.md.
 set -euo pipefail
 
 # cloud-init runs us without HOME (the AWS CLI wants one) and with a short PATH.

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.userdata.userdata_harness import (
+    EC2_TIME,
     SECRET,
     VOLUME_ID,
     Instance,
@@ -417,3 +422,252 @@ def test_the_job_environment_reaches_the_workload_byte_for_byte(
         for name, value in job_env:
             assert name not in run
             assert all(value not in arg for arg in run if value)
+
+
+# Resumes from last.ckpt (a fixed name, written atomically), trains one step, saves.
+RESUMER = """
+import json, os
+d = os.environ["SPOTCTL_CHECKPOINT_DIR"]
+p = os.path.join(d, "last.ckpt")
+step = json.load(open(p))["step"] if os.path.exists(p) else 0
+open(os.path.join(d, "..", "resumed-from"), "w").write(str(step))
+with open(p + ".tmp", "w") as f:
+    json.dump({"step": step + 1}, f)
+os.replace(p + ".tmp", p)
+"""
+
+
+def snapshot_copy(box: Instance, step: int) -> None:
+    """The volume as a snapshot of the job's volume in another AZ left it."""
+    (box.mount / ".spotctl").mkdir()
+    (box.mount / ".spotctl/volume-id").write_text("vol-0ffffffffffffffff\n")
+    (box.mount / "checkpoints").mkdir()
+    (box.mount / "checkpoints/last.ckpt").write_text(json.dumps({"step": step}))
+    an_hour_ago = time.time() - 3600
+    os.utime(box.mount / "checkpoints/last.ckpt", (an_hour_ago, an_hour_ago))
+    box.set("blkid.rc", "0")
+    box.set("blkid.out", "ext4")
+
+
+def test_a_restore_that_fails_starts_nothing_and_is_tried_again_next_time(
+    world: Machine, box: Instance
+) -> None:
+    s3_ckpt = box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt"
+    s3_ckpt.parent.mkdir(parents=True)
+    s3_ckpt.write_text(json.dumps({"step": 900}))
+    snapshot_copy(box, step=100)
+    box.set("aws-s3.rc", "1")  # S3 unreadable for as long as the agent tries
+    resumer = python_workload(box, "resumer", RESUMER)
+    assert box.run(box.params(resumer, attempt=2)) == 0, box.agent_log()
+
+    # Not run from the stale step 100, so S3's step 900 is intact; the API is told.
+    assert not (box.mount / "resumed-from").exists()
+    assert json.loads(s3_ckpt.read_text()) == {"step": 900}
+    assert [c for c in s3_uploads(box) if "/checkpoints/" in c["argv"][3]] == []
+    exited = reports(box, "exited")
+    assert [r["body"]["exit_code"] for r in exited] == [125]
+    assert "could not restore" in str(exited[0]["body"]["detail"])
+    assert len(box.calls("shutdown")) == 1
+    # Still marked as the old volume: the next attempt on it restores.
+    assert (box.mount / ".spotctl/volume-id").read_text().strip() == "vol-0ffffffffffffffff"
+
+    again = world.instance("i2")
+    again.set("blkid.rc", "0")
+    again.set("blkid.out", "ext4")
+    shutil.copytree(box.mount, again.mount, dirs_exist_ok=True)  # keeps the times
+    resumer = python_workload(again, "resumer", RESUMER)
+    assert again.run(again.params(resumer, attempt=3)) == 0, again.agent_log()
+    assert (again.mount / "resumed-from").read_text() == "900"
+    assert json.loads(s3_ckpt.read_text()) == {"step": 901}
+    assert (again.mount / ".spotctl/volume-id").read_text().strip() == VOLUME_ID
+
+
+# On SIGTERM, takes a while to save (a big torch.save), then notes the time and exits.
+SLOW_SAVER = """
+import os, signal, sys, time
+ckpt = os.environ["SPOTCTL_CHECKPOINT_DIR"]
+def stop(signum, frame):
+    time.sleep(1)
+    with open(os.path.join(ckpt, "last.ckpt.tmp"), "w") as f:
+        f.write("state at sigterm")
+    os.replace(os.path.join(ckpt, "last.ckpt.tmp"), os.path.join(ckpt, "last.ckpt"))
+    open(os.path.join(ckpt, "..", "saved-at"), "w").write(repr(time.time()))
+    sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+open(os.path.join(ckpt, "..", "running"), "w").close()
+while True:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("script", ["{} ; echo done", "{} | tee train.log"])
+def test_a_shell_wrapper_dying_on_sigterm_is_not_taken_for_the_workload_s_end(
+    box: Instance, script: str
+) -> None:
+    python = " ".join(python_workload(box, "saver", SLOW_SAVER))
+    proc = box.start(box.params(["bash", "-c", script.format(python)], grace_seconds=30))
+    wait_for((box.mount / "running").exists, what="workload start")
+    box.imds.interrupt()
+    proc.communicate(timeout=30)
+    # bash dies at once; the agent waits for python's save before the sync.
+    saved_at = float((box.mount / "saved-at").read_text())
+    assert s3_uploads(box)[0]["t"] > saved_at
+    assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
+    assert "sync ok" in str(reports(box, "interrupted")[0]["body"]["detail"])
+    assert box.calls("shutdown")[0]["t"] > saved_at
+
+
+# Ignores SIGTERM and notes its pid; runs until killed.
+IMMORTAL = """
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(os.environ["SPOTCTL_CHECKPOINT_DIR"] + "/../immortal.pid", "w").write(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def running(pid: int) -> bool:
+    """Whether the process lives (a zombie, waiting for init to reap it, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.parametrize(
+    ("script", "told"),
+    [
+        ("{} ; echo done", "interrupted"),  # bash dies on SIGTERM, python ignores it
+        ("{} & sleep 0.5", "exited"),  # a background process outlives the workload
+    ],
+)
+def test_what_the_workload_leaves_behind_is_killed_after_the_grace(
+    box: Instance, script: str, told: str
+) -> None:
+    python = " ".join(python_workload(box, "immortal", IMMORTAL))
+    proc = box.start(box.params(["bash", "-c", script.format(python)], grace_seconds=1))
+    pid_file = box.mount / "immortal.pid"
+    wait_for(pid_file.exists, what="workload start")
+    pid = int(pid_file.read_text())
+    try:
+        if told == "interrupted":
+            box.imds.interrupt()
+        proc.communicate(timeout=30)
+        assert not running(pid)
+        assert box.api.kinds() == ["started", told]
+    finally:
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+# TRAINER, noting its pid in "running".
+PID_TRAINER = TRAINER.replace(
+    'open(os.path.join(ckpt, "..", "running"), "w").close()',
+    'open(os.path.join(ckpt, "..", "running"), "w").write(str(os.getpid()))',
+)
+
+
+def test_a_container_s_whole_process_group_gets_the_stop_signal(box: Instance) -> None:
+    # tini (docker run --init) passes docker kill's signal to its child only, unless
+    # told to signal the child's process group: here the child is bash, not python.
+    python = " ".join(python_workload(box, "trainer", PID_TRAINER))
+    proc = box.start(box.params(["bash", "-c", f"{python} ; echo done"], image="train:1"))
+    wait_for(
+        lambda: (box.mount / "running").exists() and (box.mount / "running").read_text(),
+        what="container start",
+    )
+    pid = int((box.mount / "running").read_text())
+    box.imds.interrupt()
+    try:
+        proc.communicate(timeout=30)
+        assert (box.mount / "sigterm-at").exists()
+        last = box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt"
+        assert last.read_text() == "state at sigterm"
+        run = next(c["argv"] for c in box.calls("docker") if c["argv"][0] == "run")
+        init = run.index("--init")
+        assert run[init + 1 : init + 3] == ["-e", "TINI_KILL_PROCESS_GROUP=1"]
+    finally:  # the shim has no PID namespace whose end would kill what is left
+        if running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_an_error_in_the_agent_is_reported_and_the_instance_still_shuts_down(
+    box: Instance,
+) -> None:
+    (box.mount / "checkpoints").write_text("not a directory")  # the agent cannot go on
+    assert box.run(box.params(python_workload(box, "ok", "pass"))) == 0
+    assert "Traceback" in box.agent_log()
+    exited = reports(box, "exited")
+    assert [r["body"]["exit_code"] for r in exited] == [125]
+    assert "agent failed: FileExistsError" in str(exited[0]["body"]["detail"])
+    assert len(box.calls("shutdown")) == 1
+
+
+def same_volume(box: Instance) -> None:
+    (box.mount / ".spotctl").mkdir()
+    (box.mount / ".spotctl/volume-id").write_text(VOLUME_ID + "\n")
+    box.set("blkid.rc", "0")
+    box.set("blkid.out", "ext4")
+
+
+def test_the_last_sync_is_retried_until_s3_takes_it(box: Instance) -> None:
+    same_volume(box)
+    box.set("aws-s3.rc", "1")
+
+    def heal() -> None:  # S3 fails the first upload, then works again
+        wait_for(lambda: s3_uploads(box), what="first upload")
+        box.set("aws-s3.rc", "0")
+
+    threading.Thread(target=heal, daemon=True).start()
+    writer = python_workload(
+        box,
+        "writer",
+        "import os\nd = os.environ['SPOTCTL_CHECKPOINT_DIR']\n"
+        "open(d + '/final-model.pt', 'w').write('weights')\n",
+    )
+    assert box.run(box.params(writer)) == 0
+    assert (box.s3 / "bucket/jobs/job-42/checkpoints/final-model.pt").read_text() == "weights"
+    assert [r["body"] for r in reports(box, "exited")] == [
+        {"attempt": 1, "kind": "exited", "exit_code": 0, "detail": "sync ok"}
+    ]
+
+
+def test_the_exit_report_outlasts_an_api_outage(box: Instance) -> None:
+    # "started" lands; then the API times out and is down for ten tries of "exited".
+    box.api.statuses = [200, 408] + [503] * 9
+    box.env["SPOTCTL_REPORT_BACKOFF_SECONDS"] = "0.001"
+    assert box.run(box.params(python_workload(box, "done", "raise SystemExit(0)"))) == 0
+    exited = reports(box, "exited")
+    assert [r["status"] for r in exited] == [408] + [503] * 9 + [200]
+    assert box.calls("shutdown")[0]["t"] > exited[-1]["t"]
+
+
+def test_the_grace_ends_in_time_to_sync_before_the_notice_s_termination(box: Instance) -> None:
+    stubborn = python_workload(box, "immortal", IMMORTAL)
+    proc = box.start(box.params(stubborn, grace_seconds=20))
+    wait_for((box.mount / "immortal.pid").exists, what="workload start")
+    box.imds.interrupt(seconds_left=33)  # 3 s before the 30 s kept for the sync
+    assert box.imds.instance_action is not None
+    goes_at = datetime.strptime(box.imds.instance_action["time"], EC2_TIME).replace(tzinfo=UTC)
+    proc.communicate(timeout=40)
+    assert s3_uploads(box)[0]["t"] < goes_at.timestamp() - 25
+    detail = str(reports(box, "interrupted")[0]["body"]["detail"])
+    assert "workload exit 137" in detail and "sync ok" in detail
+
+
+def test_a_restore_never_replaces_a_checkpoint_newer_than_s3_s(box: Instance) -> None:
+    # The snapshot was taken after the last sync: the volume is ahead of S3.
+    s3_ckpt = box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt"
+    s3_ckpt.parent.mkdir(parents=True)
+    s3_ckpt.write_text(json.dumps({"step": 900}))
+    half_an_hour_ago = time.time() - 1800
+    os.utime(s3_ckpt, (half_an_hour_ago, half_an_hour_ago))
+    (box.s3 / "bucket/jobs/job-42/checkpoints/old.ckpt").write_text("only in S3")
+    snapshot_copy(box, step=1000)
+    os.utime(box.mount / "checkpoints/last.ckpt")  # written after that sync
+    resumer = python_workload(box, "resumer", RESUMER)
+    assert box.run(box.params(resumer, attempt=3)) == 0, box.agent_log()
+    assert (box.mount / "resumed-from").read_text() == "1000"
+    assert (box.mount / "checkpoints/old.ckpt").read_text() == "only in S3"
+    assert not (box.mount / ".spotctl/restore").exists()

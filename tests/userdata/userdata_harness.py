@@ -7,6 +7,7 @@ chalicelib.userdata.render_user_data returns, run with bash as cloud-init would.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ SHIMMED = [
 ]
 VOLUME_ID = "vol-0123456789abcdef0"
 SECRET = "s3cr3t-token-for-job"
+EC2_TIME = "%Y-%m-%dT%H:%M:%SZ"  # the time in spot/instance-action
 
 
 class _Quiet(BaseHTTPRequestHandler):
@@ -110,9 +113,13 @@ class FakeIMDS:
         with self.lock:
             self.requests.append({"t": time.time(), "method": method, "path": path, "hdr": token})
 
-    def interrupt(self) -> float:
-        self.instance_action = {"action": "terminate", "time": "2026-11-28T12:02:00Z"}
-        return time.time()
+    def interrupt(self, seconds_left: int = 120) -> float:
+        """The spot interruption notice: EC2 takes the instance ``seconds_left`` from now
+        (to the second, as EC2 writes it). Returns when the notice appeared."""
+        now = time.time()
+        goes_at = datetime.fromtimestamp(math.ceil(now) + seconds_left, UTC)
+        self.instance_action = {"action": "terminate", "time": goes_at.strftime(EC2_TIME)}
+        return now
 
     def ask_to_leave(self) -> float:
         """What spotctl's CreateTags does to an on-demand instance it moves to spot."""
@@ -264,6 +271,7 @@ class Machine:
             "SPOTCTL_VOLUME_POLL_SECONDS": "0.1",
             "SPOTCTL_VOLUME_WAIT_SECONDS": "10",
             "SPOTCTL_REPORT_BACKOFF_SECONDS": "0.05",
+            "SPOTCTL_SYNC_BACKOFF_SECONDS": "0.05",
         }
         instance = Instance(base, self.imds, self.api, env)
         instance.set(

@@ -60,7 +60,9 @@ def aws(argv: list[str]) -> int:
         if same_size and target.stat().st_mtime >= path.stat().st_mtime:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(path, target)
+        # As awscli does: into a temporary file, renamed over the target.
+        shutil.copy2(path, target.with_name(target.name + ".shim-part"))
+        os.replace(target.with_name(target.name + ".shim-part"), target)
         print(f"{verb}: {src.rstrip('/')}/{rel} to {dst.rstrip('/')}/{rel}")
     return 0
 
@@ -76,7 +78,16 @@ def docker(argv: list[str]) -> int:
     if argv[0] == "kill":
         signame = argv[2] if argv[1] == "--signal" else "KILL"
         pid = int((containers / argv[-1]).read_text())
-        os.kill(pid, getattr(signal, "SIG" + signame))
+        signum = getattr(signal, "SIG" + signame)
+        try:
+            # As tini (--init) does: to its child only, unless TINI_KILL_PROCESS_GROUP=1.
+            if (containers / f"{argv[-1]}.group").exists():
+                os.killpg(os.getpgid(pid), signum)
+            else:
+                os.kill(pid, signum)
+        except ProcessLookupError:
+            print(f"Error response from daemon: {argv[-1]} is not running", file=sys.stderr)
+            return 1
         return 0
     if argv[0] != "run":
         return 1
@@ -107,6 +118,8 @@ def docker(argv: list[str]) -> int:
             i += 1
     command = argv[i + 1 :]  # argv[i] is the image
     (containers / name).write_text(str(os.getpid()))
+    if "--init" in argv[:i] and env.get("TINI_KILL_PROCESS_GROUP") == "1":
+        (containers / f"{name}.group").touch()
     os.execvpe(command[0], command, env)  # noqa: S606 - a container runs argv as given
     return 127  # not reached
 
