@@ -424,6 +424,7 @@ class Job(BaseModel):
     wait_until: float | None = None
     exit_code: int | None = None
     exit_attempt: int | None = None
+    exit_detail: str = ""  # what the agent said with the exit (its sync, its own failure)
     error_restarts: int = 0  # times the workload was started again after a failure
     # ... after an exit with one of the spec's recover_on_exit_codes (not counted above)
     exit_code_restarts: int = 0

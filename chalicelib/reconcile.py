@@ -445,6 +445,8 @@ def _complete(job: Job, observed: Observed, now: float, terminate: list[str]) ->
     update: dict[str, object] = {"state": state}
     if code != 0:
         failure = f"the workload exited with code {code}"
+        if job.exit_detail and job.exit_detail != "sync ok":  # the agent's or bootstrap's
+            failure += f" ({job.exit_detail})"
         restarts = [
             f"{n} restart(s) on {what}"
             for n, what in (
@@ -485,7 +487,12 @@ def _restart_after_error(
         orphans = (TerminateLaunched(tuple(a.number for a in pending)),)
     code = job.exit_code
     job, told = job.restarted(code)
-    update = {"exit_code": None, "exit_attempt": None, "state": JobState.RECOVERING}
+    update = {
+        "exit_code": None,
+        "exit_attempt": None,
+        "exit_detail": "",
+        "state": JobState.RECOVERING,
+    }
     job = job.model_copy(update=update)
     detail = f"exit code {code}; {told}"
     job = job.with_event(now, "restarting-after-error", detail)

@@ -457,9 +457,13 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
                 # workload's exit (its agent shuts the instance down) was the end.
                 ended = attempt.model_copy(update={"end_reason": ENDED_COMPLETED})
                 job = job.replace_attempt(ended)
-            update = {"exit_code": report.exit_code, "exit_attempt": report.attempt}
+            update = {
+                "exit_code": report.exit_code,
+                "exit_attempt": report.attempt,
+                "exit_detail": report.detail,
+            }
             job = job.model_copy(update=update)
-            detail = f"exit code {report.exit_code}"
+            detail = f"exit code {report.exit_code}" + (f": {detail}" if detail else "")
         elif report.kind == "checkpoint_synced":
             job = job.model_copy(update={"data_synced_at": now})
         elif report.kind == "rebalance" and attempt.instance_id:

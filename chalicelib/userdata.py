@@ -61,12 +61,18 @@ class AgentParams:
 
 
 def shipped(name: str, text: str) -> str:
-    """The file as the instance gets it: a Python file without its comments (16 KB is
-    tight), line for line, so that a traceback's line numbers are the repository's.
-    Docstrings stay; the shebang too."""
-    if not name.endswith(".py"):
-        return text
+    """The file as the instance gets it: without its comments (16 KB is tight), line
+    for line, so that a traceback's (or bash's) line numbers are the repository's.
+    Docstrings stay; the shebang too. In a shell script only whole-line comments go
+    (a ``#`` inside a line may be ``$#`` or ``${x#y}``; the script has no here-document)."""
     lines = text.splitlines(keepends=True)
+    if name.endswith(".sh"):
+        return "".join(
+            "\n"
+            if line.lstrip().startswith("#") and not (row == 0 and line.startswith("#!"))
+            else line
+            for row, line in enumerate(lines)
+        )
     for token in tokenize.generate_tokens(io.StringIO(text).readline):
         row, column = token.start
         if token.type == tokenize.COMMENT and not (row == 1 and token.string.startswith("#!")):

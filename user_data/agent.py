@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 # spotctl instance agent, exec'd by bootstrap.sh once the job's volume is mounted.
-# (``agent.py pick-member TABLE INDEX PARAMS``: see pick_member.)
+# (``agent.py pick-member TABLE INDEX PARAMS``: see pick_member; ``agent.py report-exit
+# PARAMS CODE DETAIL``: bootstrap.sh telling a failure no new instance would get past.)
 #
 # Restores checkpoints onto a fresh volume, runs the workload, polls instance metadata
 # for the interruption notice and the rebalance recommendation, syncs checkpoints to S3,
@@ -677,6 +678,10 @@ def main(argv: list[str]) -> int:
         format="%(asctime)s agent: %(levelname)s %(message)s",
     )
     env = dict(os.environ)
+    if len(argv) == 5 and argv[1] == "report-exit":
+        reporter = Reporter(Params.load(argv[2]), Settings.from_env(env))
+        until = time.monotonic() + FINAL_REPORT_SECONDS
+        return 0 if reporter.report("exited", int(argv[3]), argv[4], until) else 1
     agent: Agent | None = None
     # bootstrap.sh exec'd us, so its EXIT trap is gone: whatever fails, this is the last
     # code to run on the instance, and it must report and shut the instance down.

@@ -27,7 +27,7 @@ on_exit() {
   local rc=$?
   if ((rc != 0)); then
     log "FATAL: bootstrap failed (exit $rc); the workload was not started on this instance."
-    log "Shutting down so that the control plane replaces this instance."
+    log "Shutting down; unless the failure was reported to the job, it gets a new instance."
     shutdown -h now || log "shutdown failed"
   fi
 }
@@ -35,6 +35,16 @@ trap on_exit EXIT
 
 fail() {
   log "FATAL: $*"
+  exit 1
+}
+
+# A failure a new instance would meet again (it is the volume's): tell the job, as the
+# agent tells its own failures (exit 125), so that it fails saying why instead of being
+# relaunched onto the same volume without end.
+refuse() {
+  log "FATAL: $*"
+  "$PYTHON" "$STATE_DIR/agent.py" report-exit "$STATE_DIR/params.json" 125 "bootstrap: $*" ||
+    log "could not report it"
   exit 1
 }
 
@@ -111,22 +121,22 @@ fstype=$(blkid -p -o value -s TYPE "$device") || probe=$?
 created=0
 case $probe in
   0)
-    [[ -n $fstype ]] || fail "$device holds a signature that is not a filesystem; refusing to format it"
+    [[ -n $fstype ]] || refuse "$device holds a signature that is not a filesystem; refusing to format it"
     log "$device already holds $fstype; keeping it"
     ;;
   2)
     log "$device is blank; creating $FS_TYPE"
-    "mkfs.$FS_TYPE" -q -L spotctl-data "$device" </dev/null
+    "mkfs.$FS_TYPE" -q -L spotctl-data "$device" </dev/null || refuse "mkfs.$FS_TYPE $device failed"
     fstype=$FS_TYPE
     created=1
     ;;
   *)
-    fail "blkid could not probe $device (exit $probe); refusing to touch a device that may hold data"
+    refuse "blkid could not probe $device (exit $probe); refusing to touch a device that may hold data"
     ;;
 esac
 
 mkdir -p "$MOUNT_POINT"
-mount -o noatime "$device" "$MOUNT_POINT"
+mount -o noatime "$device" "$MOUNT_POINT" || refuse "cannot mount $device ($fstype)"
 log "mounted $device ($fstype) at $MOUNT_POINT"
 
 # A volume restored from a snapshot can be larger than its filesystem; growing online is

@@ -209,6 +209,18 @@ def test_nonzero_exit_fails_the_job_and_keeps_the_volume(env: Env) -> None:
     assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
 
 
+def test_what_the_agent_says_with_an_exit_is_in_the_failure(env: Env) -> None:
+    """A bootstrap (or agent) that could not run the workload says why with exit 125."""
+    job_id, _, _ = running_job(env)
+    why = "bootstrap: /dev/nvme1n1 holds a signature that is not a filesystem"
+    report = {"attempt": 1, "kind": "exited", "exit_code": 125, "detail": why}
+    assert env.report(job_id, report).status_code == 200
+    job = env.job(job_id)
+    assert job["state"] == "FAILED"
+    assert job["failure"] == f"the workload exited with code 125 ({why})"
+    assert f"exit code 125: {why}" in [e["detail"] for e in job["events"]]
+
+
 def test_a_failed_workload_is_restarted_on_a_new_instance_with_its_volume(env: Env) -> None:
     job_id, first, volume_id = running_job(env, max_restarts_on_errors=1)
 

@@ -161,14 +161,30 @@ def test_a_volume_with_a_filesystem_is_never_formatted_only_grown(
     assert [r["body"]["exit_code"] for r in reports(box, "exited")] == [0]
 
 
-def test_a_device_blkid_cannot_read_is_left_alone_and_the_instance_stops(box: Instance) -> None:
-    box.set("blkid.rc", "4")
+@pytest.mark.parametrize(
+    ("blkid_rc", "blkid_out", "told"),
+    [
+        ("4", "", "blkid could not probe /dev/nvme1n1 (exit 4)"),
+        # A partition table: blkid knows a signature, but no filesystem TYPE.
+        ("0", "", "/dev/nvme1n1 holds a signature that is not a filesystem"),
+    ],
+    ids=["blkid-error", "partition-table"],
+)
+def test_a_device_that_may_hold_data_is_left_alone_and_the_job_told(
+    box: Instance, blkid_rc: str, blkid_out: str, told: str
+) -> None:
+    """A new instance would find the same volume: the job is told (and fails, or
+    restarts as its spec allows) instead of being relaunched onto it without end."""
+    box.set("blkid.rc", blkid_rc)
+    box.set("blkid.out", blkid_out)
     command = python_workload(box, "never", "raise SystemExit('must not run')")
     box.run(box.params(command))
     assert box.calls("mkfs.ext4") == [] and box.calls("mount") == []
-    assert "refusing to touch a device that may hold data" in box.agent_log()
+    assert told in box.agent_log()
     assert len(box.calls("shutdown")) == 1
-    assert box.api.reports == []
+    (exited,) = reports(box, "exited")
+    assert exited["body"]["exit_code"] == 125
+    assert exited["body"]["detail"].startswith(f"bootstrap: {told}")
 
 
 def test_a_volume_that_never_arrives_fails_clearly_within_the_bound(box: Instance) -> None:
@@ -181,6 +197,7 @@ def test_a_volume_that_never_arrives_fails_clearly_within_the_bound(box: Instanc
     assert f"volume {VOLUME_ID} was not attached within 1s" in log
     assert "vol0123456789abcdef0" in log  # says what it looked for
     assert box.calls("mount") == [] and len(box.calls("shutdown")) == 1
+    assert box.api.reports == []  # a new instance may get the volume: it is replaced
 
 
 def test_on_xen_the_volume_is_the_attach_device(box: Instance) -> None:
