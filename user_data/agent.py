@@ -90,6 +90,7 @@ class Settings:
     report_backoff_seconds: float
     sync_backoff_seconds: float
     pull_attempts: int
+    log_limit_bytes: int
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Settings:
@@ -105,6 +106,7 @@ class Settings:
             report_backoff_seconds=float(get("REPORT_BACKOFF_SECONDS", "1")),
             sync_backoff_seconds=float(get("SYNC_BACKOFF_SECONDS", "2")),
             pull_attempts=int(get("PULL_ATTEMPTS", "3")),
+            log_limit_bytes=int(get("LOG_LIMIT_BYTES", str(512 * 2**20))),
         )
 
 
@@ -153,6 +155,22 @@ def files_under(top: str) -> list[str]:
     # The paths of the files under ``top``, relative to it.
     paths = (os.path.join(d, name) for d, _, names in os.walk(top) for name in names)
     return [os.path.relpath(path, top) for path in paths]
+
+
+def cap_log(path: str, limit: int) -> None:
+    # A week of a chatty workload fills the root disk: past ``limit``, the log is copied
+    # to <path>.1 (the one before is dropped) and emptied in place, as logrotate's
+    # copytruncate does. The workload writes with O_APPEND, so it goes on at the new
+    # end; the lines written between the copy and the truncate are lost.
+    try:
+        if os.path.getsize(path) <= limit:
+            return
+        shutil.copyfile(path, path + ".1")
+        os.truncate(path, 0)
+    except OSError as exc:
+        LOG.warning("could not cap %s: %s", path, exc)
+        return
+    LOG.info("%s passed %d bytes: moved to %s.1", path, limit, path)
 
 
 def group_alive(pgid: int) -> bool:
@@ -426,6 +444,8 @@ class Workload:
         p, mount = self.params, self.settings.mount_point
         rc, gpus = run_command(["nvidia-smi", "-L"])
         argv = ["docker", "run", "--rm", "--ipc=host", "--name", self.container]
+        # The agent keeps the output (workload.log); docker's own copy stays small.
+        argv += ["--log-opt", "max-size=64m", "--log-opt", "max-file=2"]
         # tini (--init) gets docker kill's signal: to the child's whole process group.
         argv += ["--init", "-e", "TINI_KILL_PROCESS_GROUP=1"]
         argv += ["--gpus", "all"] if rc == 0 and "GPU" in gpus else []
@@ -605,6 +625,7 @@ class Agent:
             if time.monotonic() >= next_sync:
                 next_sync = time.monotonic() + self.params.sync_interval_seconds
                 self.store.push_soon()
+            cap_log(workload.output.name, self.settings.log_limit_bytes)
             workload.wait(self.settings.poll_seconds)
 
     def interrupted(self, workload: Workload, notice: str) -> int:

@@ -353,6 +353,31 @@ def test_an_image_runs_under_docker_with_the_job_environment(box: Instance, gpus
         assert env in run
     assert json.loads((box.mount / "seen.json").read_text())["argv"] == HOSTILE
     assert [r["body"]["exit_code"] for r in reports(box, "exited")] == [7]
+    # docker's own copy of the output is capped; the agent keeps workload.log.
+    options = [run[i + 1] for i, flag in enumerate(run[: run.index(image)]) if flag == "--log-opt"]
+    assert options == ["max-size=64m", "max-file=2"]
+
+
+CHATTY = """
+import sys, time
+for i in range(40):
+    sys.stdout.write(f"line {i:02d} " + "x" * 10_000 + "\\n")
+    sys.stdout.flush()
+    time.sleep(0.05)
+print("done")
+"""
+
+
+def test_a_chatty_workload_s_log_is_capped_and_its_end_kept(box: Instance) -> None:
+    box.env["SPOTCTL_LOG_LIMIT_BYTES"] = "100000"
+    assert box.run(box.params(python_workload(box, "chatty", CHATTY))) == 0, box.agent_log()
+    log_dir = Path(box.env["SPOTCTL_LOG_DIR"])
+    kept, before = log_dir / "workload.log", log_dir / "workload.log.1"
+    assert before.exists(), box.agent_log()  # 400 KB written, 100 KB kept at a time
+    assert kept.stat().st_size <= 100_000 + 5 * 10_010  # a poll's worth over, at most
+    assert before.stat().st_size <= 100_000 + 5 * 10_010
+    assert kept.read_text().rstrip().endswith("done")
+    assert "\x00" not in kept.read_text()  # written at the new end, not past a hole
 
 
 def test_an_interrupted_container_gets_the_signal_through_docker_kill(box: Instance) -> None:

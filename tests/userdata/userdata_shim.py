@@ -97,7 +97,7 @@ def docker(argv: list[str]) -> int:
     i, name = 1, "unnamed"
     while argv[i].startswith("-"):
         flag = argv[i]
-        if flag in ("--name", "-v", "-e", "--gpus", "--env-file"):
+        if flag in ("--name", "-v", "-e", "--gpus", "--env-file", "--log-opt"):
             value = argv[i + 1]
             if flag == "--name":
                 name = value
