@@ -328,7 +328,10 @@ class CheckpointStore:
                 os.link(os.path.join(self.local, name), os.path.join(staging, name))
 
         def download() -> bool:
-            rc, out = run_command(["aws", "s3", "sync", str(self.remote), staging, "--no-progress"])
+            # --exact-timestamps: else a same-sized file is fetched only when the
+            # volume's is newer (awscli's rule), and S3's newer one would be missed.
+            argv = ["aws", "s3", "sync", str(self.remote), staging, "--no-progress"]
+            rc, out = run_command([*argv, "--exact-timestamps"])
             if rc != 0:
                 LOG.warning("restore from %s failed (exit %d): %s", self.remote, rc, out.strip())
             return rc == 0

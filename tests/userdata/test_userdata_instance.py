@@ -713,3 +713,18 @@ def test_a_restore_never_replaces_a_checkpoint_newer_than_s3_s(box: Instance) ->
     assert (box.mount / "resumed-from").read_text() == "1000"
     assert (box.mount / "checkpoints/old.ckpt").read_text() == "only in S3"
     assert not (box.mount / ".spotctl/restore").exists()
+
+
+def test_a_restore_takes_s3_s_newer_checkpoint_of_the_same_size(box: Instance) -> None:
+    # The snapshot is older than the last sync, and the checkpoint's size never changes
+    # (weights of a fixed shape): only its time tells the copies apart.
+    snapshot_copy(box, step=100)
+    half_an_hour_ago = time.time() - 1800
+    os.utime(box.mount / "checkpoints/last.ckpt", (half_an_hour_ago, half_an_hour_ago))
+    s3_ckpt = box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt"
+    s3_ckpt.parent.mkdir(parents=True)
+    s3_ckpt.write_text(json.dumps({"step": 900}))
+    assert s3_ckpt.stat().st_size == (box.mount / "checkpoints/last.ckpt").stat().st_size
+    resumer = python_workload(box, "resumer", RESUMER)
+    assert box.run(box.params(resumer, attempt=3)) == 0, box.agent_log()
+    assert (box.mount / "resumed-from").read_text() == "900"

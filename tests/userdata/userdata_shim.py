@@ -56,13 +56,24 @@ def aws(argv: list[str]) -> int:
         if path.is_dir() or any(fnmatch.fnmatch(rel, p) for p in excludes):
             continue
         target = dst_dir / rel
-        same_size = target.exists() and target.stat().st_size == path.stat().st_size
-        if same_size and target.stat().st_mtime >= path.stat().st_mtime:
-            continue
+        if target.exists() and target.stat().st_size == path.stat().st_size:
+            # awscli's rule for a same-sized file, either way: copied only when the
+            # local one is newer; with --exact-timestamps (downloads), unless the
+            # times are equal.
+            local, remote = (path, target) if verb == "upload" else (target, path)
+            local_time, remote_time = local.stat().st_mtime, remote.stat().st_mtime
+            if "--exact-timestamps" in argv and verb == "download":
+                if local_time == remote_time:
+                    continue
+            elif not local_time > remote_time:
+                continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        # As awscli does: into a temporary file, renamed over the target.
+        # As awscli does: into a temporary file, renamed over the target; a download
+        # gets the object's time, an object its upload's.
         shutil.copy2(path, target.with_name(target.name + ".shim-part"))
         os.replace(target.with_name(target.name + ".shim-part"), target)
+        if verb == "upload":
+            os.utime(target)
         print(f"{verb}: {src.rstrip('/')}/{rel} to {dst.rstrip('/')}/{rel}")
     return 0
 
