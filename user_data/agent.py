@@ -43,7 +43,6 @@ LEAVE_TAG = "spotctl:leave"
 # failed, or the agent did): the job fails, or restarts if its spec allows, rather than
 # being relaunched without end. docker uses 125 alike.
 AGENT_FAILED = 125
-RESTORE_TRIES = 6  # 30-60 s of backoff with the default 2 s
 FINAL_SYNC_SECONDS = 300  # after the workload's exit, the last sync is retried this long
 # After the exit, its report is retried this long: a long job's result is worth an API
 # outage (a deploy, throttling; lost, the job would run again), but the instance bills
@@ -91,6 +90,7 @@ class Settings:
     sync_backoff_seconds: float
     pull_attempts: int
     log_limit_bytes: int
+    restore_seconds: float
 
     @classmethod
     def from_env(cls, env: dict[str, str]) -> Settings:
@@ -107,6 +107,8 @@ class Settings:
             sync_backoff_seconds=float(get("SYNC_BACKOFF_SECONDS", "2")),
             pull_attempts=int(get("PULL_ATTEMPTS", "3")),
             log_limit_bytes=int(get("LOG_LIMIT_BYTES", str(512 * 2**20))),
+            # An S3 outage this long fails the attempt (the job, unless it may restart).
+            restore_seconds=float(get("RESTORE_SECONDS", "600")),
         )
 
 
@@ -307,6 +309,7 @@ class CheckpointStore:
         self.remote = f"{prefix}/{params.checkpoint_dir}/" if prefix else None
         self.logs_remote = f"{prefix}/logs/attempt-{params.attempt}/" if prefix else None
         self._backoff = settings.sync_backoff_seconds
+        self._restore_seconds = settings.restore_seconds
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self.on_synced: Callable[[int], None] = lambda uploaded: None
@@ -336,7 +339,8 @@ class CheckpointStore:
                 LOG.warning("restore from %s failed (exit %d): %s", self.remote, rc, out.strip())
             return rc == 0
 
-        if not retried("restore", download, self._backoff, RESTORE_TRIES):
+        until = time.monotonic() + self._restore_seconds
+        if not retried("restore", download, self._backoff, 0, until):
             return False
         restored = 0
         for name in files_under(staging):
@@ -375,8 +379,15 @@ class CheckpointStore:
 
         if self.remote is None:
             return True
-        with self._lock:  # a periodic sync in flight ends first
+        # A periodic sync in flight ends first; with ``hard``, not past ``until``.
+        wait = max(0.0, until - time.monotonic()) if hard else -1
+        if not self._lock.acquire(timeout=wait):
+            LOG.error("sync to %s: a periodic sync still runs at the deadline", self.remote)
+            return False
+        try:
             return retried("sync", upload, self._backoff, 1, until)
+        finally:
+            self._lock.release()
 
     def push_soon(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -560,6 +571,7 @@ class Agent:
             "checkpoint_synced", f"{n} file(s) uploaded"
         )
         self.stop_reason = ""  # set when the agent itself gets SIGTERM
+        self.workload: Workload | None = None
 
     def prepare_volume(self) -> bool:
         # Restore from S3 unless this filesystem already was this job's volume.
@@ -594,7 +606,7 @@ class Agent:
             return self.exit_report(AGENT_FAILED, why)
         os.makedirs(self.settings.log_dir, exist_ok=True)
         with open(os.path.join(self.settings.log_dir, "workload.log"), "a") as output:
-            workload = Workload(p, self.settings, output)
+            workload = self.workload = Workload(p, self.settings, output)
             if not workload.start():
                 return self.finish(workload, 127)
             fs = "new filesystem" if env.get("SPOTCTL_FS_CREATED") == "1" else "reused"
@@ -662,6 +674,16 @@ class Agent:
         sync = f"sync {'ok' if synced else 'FAILED'}"
         return self.exit_report(code, f"{workload.error}; {sync}" if workload.error else sync)
 
+    def failed(self, exc: BaseException) -> int:
+        # An error of the agent's own: the workload (if it runs) is stopped and its
+        # checkpoints synced, as at an interruption, before the failure is told.
+        workload, p = self.workload, self.params
+        with contextlib.suppress(Exception):
+            if workload is not None and workload.running():
+                workload.stop(p.stop_signal, p.grace_seconds)
+                self.store.push(until=time.monotonic() + STOP_RESERVE_SECONDS, hard=True)
+        return self.exit_report(AGENT_FAILED, f"agent failed: {exc!r}")
+
     def exit_report(self, code: int, detail: str) -> int:
         self.reporter.drain(10)
         until = time.monotonic() + FINAL_REPORT_SECONDS
@@ -722,7 +744,7 @@ def main(argv: list[str]) -> int:
         LOG.exception("agent failed")
         if agent is None:
             return shutdown()
-        return agent.exit_report(AGENT_FAILED, f"agent failed: {exc!r}")
+        return agent.failed(exc)
 
 
 if __name__ == "__main__":

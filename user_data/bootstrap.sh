@@ -16,6 +16,7 @@ PYTHON="${SPOTCTL_PYTHON:-python3}"
 VOLUME_WAIT="${SPOTCTL_VOLUME_WAIT_SECONDS:-600}"
 VOLUME_POLL="${SPOTCTL_VOLUME_POLL_SECONDS:-2}"
 FS_TYPE="${SPOTCTL_FS_TYPE:-ext4}"
+SETTLE_SECONDS="${SPOTCTL_SETTLE_SECONDS:-3}"
 
 mkdir -p "$LOG_DIR"
 # Keep a copy on stdout: cloud-init puts it in the console output, which outlives the instance.
@@ -116,8 +117,14 @@ log "volume $volume_id is $device"
 
 # blkid exits 2 when it finds no signature at all; only then is the device blank. Any
 # other answer (a filesystem, a partition table, an error) means: do not format.
-probe=0
-fstype=$(blkid -p -o value -s TYPE "$device") || probe=$?
+# A device attached a moment ago may not answer yet: an error is asked again, twice.
+for try in 1 2 3; do
+  probe=0
+  fstype=$(blkid -p -o value -s TYPE "$device") || probe=$?
+  ((probe == 0 || probe == 2 || try == 3)) && break
+  log "blkid could not probe $device (exit $probe); again in ${SETTLE_SECONDS}s"
+  sleep "$SETTLE_SECONDS"
+done
 created=0
 case $probe in
   0)
@@ -136,7 +143,11 @@ case $probe in
 esac
 
 mkdir -p "$MOUNT_POINT"
-mount -o noatime "$device" "$MOUNT_POINT" || refuse "cannot mount $device ($fstype)"
+for try in 1 2 3; do
+  mount -o noatime "$device" "$MOUNT_POINT" && break
+  ((try < 3)) || refuse "cannot mount $device ($fstype)"
+  sleep "$SETTLE_SECONDS"
+done
 log "mounted $device ($fstype) at $MOUNT_POINT"
 
 # A volume restored from a snapshot can be larger than its filesystem; growing online is

@@ -181,10 +181,28 @@ def test_a_device_that_may_hold_data_is_left_alone_and_the_job_told(
     box.run(box.params(command))
     assert box.calls("mkfs.ext4") == [] and box.calls("mount") == []
     assert told in box.agent_log()
+    assert len(box.calls("blkid")) == (3 if blkid_rc == "4" else 1)  # an error, asked again
     assert len(box.calls("shutdown")) == 1
     (exited,) = reports(box, "exited")
     assert exited["body"]["exit_code"] == 125
     assert exited["body"]["detail"].startswith(f"bootstrap: {told}")
+
+
+def test_a_device_that_answers_blkid_only_on_a_second_try_is_formatted_once(
+    box: Instance,
+) -> None:
+    box.set("blkid.rc", "4")
+    box.env["SPOTCTL_SETTLE_SECONDS"] = "1"  # time for the test to see the first probe
+
+    def settle() -> None:  # the device answers after its first probe
+        wait_for(lambda: box.calls("blkid"), what="first probe")
+        box.set("blkid.rc", "2")
+
+    threading.Thread(target=settle, daemon=True).start()
+    assert box.run(box.params(python_workload(box, "ok", "pass"))) == 0, box.agent_log()
+    assert len(box.calls("blkid")) >= 2
+    assert len(box.calls("mkfs.ext4")) == 1
+    assert [r["body"]["exit_code"] for r in reports(box, "exited")] == [0]
 
 
 def test_a_volume_that_never_arrives_fails_clearly_within_the_bound(box: Instance) -> None:
@@ -643,6 +661,24 @@ def test_an_error_in_the_agent_is_reported_and_the_instance_still_shuts_down(
     exited = reports(box, "exited")
     assert [r["body"]["exit_code"] for r in exited] == [125]
     assert "agent failed: FileExistsError" in str(exited[0]["body"]["detail"])
+    assert len(box.calls("shutdown")) == 1
+
+
+def test_an_agent_error_while_the_workload_runs_stops_and_syncs_it_first(
+    box: Instance,
+) -> None:
+    same_volume(box)
+    proc = box.start(box.params(python_workload(box, "trainer", TRAINER), grace_seconds=5))
+    wait_for((box.mount / "running").exists, what="workload start")
+    # Metadata the agent cannot decode: an error it has no handling for.
+    box.imds.raw["/latest/meta-data/events/recommendations/rebalance"] = b"\xff\xfe"
+    proc.communicate(timeout=30)
+    assert (box.mount / "sigterm-at").exists(), box.agent_log()  # stopped, not left behind
+    synced = box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt"
+    assert synced.read_text() == "state at sigterm"
+    (exited,) = reports(box, "exited")
+    assert exited["body"]["exit_code"] == 125
+    assert "agent failed: UnicodeDecodeError" in exited["body"]["detail"]
     assert len(box.calls("shutdown")) == 1
 
 

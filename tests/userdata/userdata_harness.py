@@ -56,6 +56,7 @@ class FakeIMDS:
         # The instance's tags, as IMDS shows them when its launch enabled InstanceMetadataTags.
         self.tags: dict[str, str] = {}
         self.launch_index = "0"  # which instance of its RunInstances request this is
+        self.raw: dict[str, bytes] = {}  # path -> a body as it is, even one no agent expects
         self.tokens: set[str] = set()
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
@@ -96,11 +97,11 @@ class FakeIMDS:
                     documents["/latest/meta-data/tags/instance"] = "\n".join(imds.tags)
                 for key, value in imds.tags.items():
                     documents[f"/latest/meta-data/tags/instance/{key}"] = value
-                body = documents.get(self.path)
+                body = imds.raw.get(self.path, documents.get(self.path))
                 self.answer(404 if body is None else 200, "Not Found" if body is None else body)
 
-            def answer(self, status: int, body: str) -> None:
-                data = body.encode()
+            def answer(self, status: int, body: str | bytes) -> None:
+                data = body if isinstance(body, bytes) else body.encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -272,6 +273,8 @@ class Machine:
             "SPOTCTL_VOLUME_WAIT_SECONDS": "10",
             "SPOTCTL_REPORT_BACKOFF_SECONDS": "0.05",
             "SPOTCTL_SYNC_BACKOFF_SECONDS": "0.05",
+            "SPOTCTL_RESTORE_SECONDS": "1",
+            "SPOTCTL_SETTLE_SECONDS": "0.1",
         }
         instance = Instance(base, self.imds, self.api, env)
         instance.set(
