@@ -115,8 +115,11 @@ class CheckpointSettings(BaseModel):
     def _relative(cls, value: str) -> str:
         if value.startswith("/") or ".." in value.split("/"):
             raise ValueError("must be a path inside the volume (relative, no '..')")
-        if not PurePosixPath(value).parts:
+        parts = PurePosixPath(value).parts
+        if not parts:
             raise ValueError("must name a directory inside the volume, not its root")
+        if parts[0] == ".spotctl":
+            raise ValueError("'.spotctl' on the volume is spotctl's own")
         return value
 
 

@@ -298,6 +298,11 @@ class JobService:
         for _ in range(CANCEL_TRIES):
             job = self.store.get(job_id)
             if job.state is JobState.CANCELLED:
+                if delete_volume and not job.delete_volume_on_cancel:
+                    raise InvalidTransition(
+                        f"job {job_id} was cancelled already, keeping its volume; "
+                        "delete the volume with EC2 if you no longer need it"
+                    )
                 return job  # a resent cancel (its answer was lost): done already
             if job.state.is_terminal():
                 raise InvalidTransition(f"job {job_id} already ended: {job.state.value}")

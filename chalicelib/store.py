@@ -108,7 +108,7 @@ class JobStore:
             if volume_id is not None:
                 holder = self._claimant(_volume_key(volume_id))
                 if holder is not None:
-                    self.refuse_if_live(volume_id, holder)
+                    self.refuse_if_live(volume_id, holder, job.spec.client_token)
             if self._create_claiming(job, holder):
                 return
         raise Busy(f"volume_id: {volume_id} was claimed and released meanwhile; try again")
@@ -117,17 +117,25 @@ class JobStore:
         """The job submitted with this client token, if any."""
         return self._claimant(_token_key(client_token))
 
-    def _claimant(self, key: dict[str, AttributeValueTypeDef]) -> str | None:
-        response = self._client.get_item(TableName=self._table, Key=key, ConsistentRead=True)
+    def _claimant(
+        self, key: dict[str, AttributeValueTypeDef], consistent: bool = True
+    ) -> str | None:
+        """The ``job_id`` of the item at ``key`` (an instance's, a token's, a volume's)."""
+        response = self._client.get_item(TableName=self._table, Key=key, ConsistentRead=consistent)
         item = response.get("Item")
         return item["job_id"]["S"] if item else None
 
-    def refuse_if_live(self, volume_id: str, holder: str) -> None:
-        """Raise :class:`VolumeClaimed` if job ``holder`` (which has the volume) is live."""
+    def refuse_if_live(self, volume_id: str, holder: str, client_token: str | None = None) -> None:
+        """Raise :class:`VolumeClaimed` if job ``holder`` (which has the volume) is live;
+        :class:`SubmittedBefore` if it is the job this submission (``client_token``)
+        made a moment ago."""
         try:
-            state = self.get(holder).state
+            held_by = self.get(holder)
         except JobNotFound:
             return
+        if client_token is not None and held_by.spec.client_token == client_token:
+            raise SubmittedBefore(holder)
+        state = held_by.state
         if not state.is_terminal():
             raise VolumeClaimed(
                 f"volume_id: {volume_id} is the data volume of job {holder} ({state.value}); "
@@ -159,7 +167,9 @@ class JobStore:
             self._client.put_item(TableName=self._table, Item=_job_item(job), **new)  # type: ignore[arg-type]
             return True
         try:
-            self._client.transact_write_items(TransactItems=items)
+            # The job's id as the request token: a retry of this call (its answer lost)
+            # succeeds again instead of failing on the items it wrote itself.
+            self._client.transact_write_items(TransactItems=items, ClientRequestToken=job.job_id)
         except ClientError as exc:
             reasons = exc.response.get("CancellationReasons", [])
             failed = [reason.get("Code") == "ConditionalCheckFailed" for reason in reasons]
@@ -222,9 +232,7 @@ class JobStore:
         return stored
 
     def job_id_for_instance(self, instance_id: str) -> str | None:
-        response = self._client.get_item(TableName=self._table, Key=_instance_key(instance_id))
-        item = response.get("Item")
-        return item["job_id"]["S"] if item else None
+        return self._claimant(_instance_key(instance_id), consistent=False)
 
     def page(
         self, state: JobState | None, limit: int, page_token: str | None

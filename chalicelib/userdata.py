@@ -67,6 +67,8 @@ def shipped(name: str, text: str) -> str:
     (a ``#`` inside a line may be ``$#`` or ``${x#y}``; the script has no here-document)."""
     lines = text.splitlines(keepends=True)
     if name.endswith(".sh"):
+        if "<<" in text:  # a here-document's lines are data, not comments
+            raise RuntimeError(f"{name}: a here-document would lose its '#' lines")
         return "".join(
             "\n"
             if line.lstrip().startswith("#") and not (row == 0 and line.startswith("#!"))

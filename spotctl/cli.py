@@ -288,11 +288,12 @@ def follow(
                     print(render_event(event), flush=True)
             if job["state"] in EXIT_CODES:
                 return job, EXIT_CODES[job["state"]]
-        if timeout is not None and clock() - started >= timeout:
+        left = None if timeout is None else timeout - (clock() - started)
+        if left is not None and left <= 0:
             state = job["state"] if job else "unknown"
             print(f"spotctl: still {state} after {timeout:g} s", file=sys.stderr)
             return job, EXIT_TIMEOUT
-        sleep(pause)
+        sleep(pause if left is None else min(pause, left))
 
 
 # -- commands --------------------------------------------------------------------------------
@@ -395,7 +396,7 @@ def list_jobs(base: str, state: str | None, limit: int | None) -> list[dict[str,
 def cmd_jobs(args: argparse.Namespace) -> int:
     jobs = list_jobs(api_url(args), args.state, args.limit)
     if args.json:
-        print(json.dumps(jobs, indent=2))
+        print(json.dumps({"jobs": jobs}, indent=2))  # GET /jobs's shape, every page
         return 0
     print(f"{'JOB':<20} {'NAME':<20} {'STATE':<13} {'ATTEMPTS':>8} {'COST':>10}  CREATED")
     for job in jobs:

@@ -88,6 +88,7 @@ BAD_SPECS = [
     ("checkpoint.directory", {"checkpoint": {"directory": "../etc"}}),
     ("checkpoint.directory", {"checkpoint": {"directory": "./"}}),
     ("checkpoint.directory", {"checkpoint": {"directory": "."}}),
+    ("checkpoint.directory", {"checkpoint": {"directory": ".spotctl/ckpt"}}),
     # A JSON number where the schema says number: pydantic would take "100" or true.
     ("volume_gib", {"volume_gib": True}),
     ("volume_gib", {"volume_gib": "100"}),
@@ -306,9 +307,13 @@ def test_a_cancel_sent_again_after_the_job_was_cancelled_answers_with_it(env: En
     env.cloud.sweep()
     cancelled = env.job(job_id)
     assert cancelled["state"] == "CANCELLED"
-    again = env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    again = env.client.http.delete(f"/jobs/{job_id}")
     assert again.status_code == 200, again.body
     assert json.loads(again.body)["state"] == "CANCELLED"
+    # Asking now for what the first cancel did not ask: said, not silently ignored.
+    late = env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    assert late.status_code == 409
+    assert "was cancelled already, keeping its volume" in json.loads(late.body)["Message"]
     assert env.job(job_id) == cancelled  # nothing written
 
 

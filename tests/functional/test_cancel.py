@@ -47,8 +47,9 @@ def test_a_cancel_whose_job_write_fails_after_the_terminate_is_not_a_reclaim(
         writes["n"] += 1
         if writes["n"] == 1:
             return None  # the cancel request itself
-        body = {"Error": {"Code": "InternalServerError", "Message": "try again"}}
-        return AWSResponse("http://moto", 500, HTTPHeaders(), None), body
+        # Not one botocore retries (a 500 would be, six times): the write fails at once.
+        body = {"Error": {"Code": "ValidationException", "Message": "refused"}}
+        return AWSResponse("http://moto", 400, HTTPHeaders(), None), body
 
     dynamodb = runtime.control_plane().store._client
     for operation in ("PutItem", "TransactWriteItems"):

@@ -122,7 +122,8 @@ def test_jobs_lists_every_page_newest_first(
     assert [row.split()[1] for row in rows] == ["run4", "run3", "run2", "run1", "run0"]
 
     assert spotctl(api_url, "jobs", "--limit", "3", "--json") == 0
-    assert [j["name"] for j in json.loads(capsys.readouterr().out)] == ["run4", "run3", "run2"]
+    listed = json.loads(capsys.readouterr().out)["jobs"]
+    assert [j["name"] for j in listed] == ["run4", "run3", "run2"]
 
     with pytest.raises(SystemExit):
         spotctl(api_url, "jobs", "--limit", "0")
@@ -159,4 +160,4 @@ def test_a_resent_submission_reaches_the_job_the_first_made(
     first, second = capsys.readouterr().out.splitlines()
     assert first.split()[0] == second.split()[0]
     assert spotctl(api_url, "jobs", "--json") == 0
-    assert len(json.loads(capsys.readouterr().out)) == 1
+    assert len(json.loads(capsys.readouterr().out)["jobs"]) == 1

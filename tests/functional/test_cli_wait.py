@@ -192,7 +192,7 @@ def test_wait_gives_up_at_its_timeout_with_exit_5(
     captured = capsys.readouterr()
     assert captured.out.count("submitted") == 1
     assert "still RUNNING after 35 s" in captured.err
-    assert fake_time.slept == [10.0, 10.0, 10.0, 10.0]
+    assert fake_time.slept == [10.0, 10.0, 10.0, 5.0]  # not past the timeout
 
 
 def test_submit_wait_and_logs_follow_follow_the_job(

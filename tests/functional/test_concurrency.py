@@ -281,3 +281,32 @@ def test_a_submission_and_its_resend_at_once_make_one_job(cloud: LocalCloud) -> 
     jobs, _ = a.store.page(None, 10, None)
     assert [j.job_id for j in jobs] == [job.job_id]
     assert live_instances(cloud, job.job_id) == [job.attempts[0].instance_id]
+
+
+def test_a_resend_that_finds_its_own_volume_claim_answers_with_its_job(
+    cloud: LocalCloud,
+) -> None:
+    """The first submission stored its job (and the volume's claim) after the resend
+    looked for its token, before it read the claim: the holder is its own job."""
+    volume = cloud.client("ec2").create_volume(AvailabilityZone="us-east-1a", Size=10)
+    spec = {
+        **{k: v for k, v in SPEC.items() if k != "volume_gib"},
+        "volume_id": volume["VolumeId"],
+        "client_token": "resent-77aa",
+    }
+    a = lambda_container(cloud)
+    b = lambda_container(cloud)
+    first: list[Job] = []
+
+    def a_submits_meanwhile(params: dict[str, Any], **_: Any) -> None:
+        if not first and params["Key"]["pk"]["S"].startswith("VOLUME#"):
+            first.append(a.service.submit(spec))
+
+    b.store._client.meta.events.register(
+        "before-parameter-build.dynamodb.GetItem", a_submits_meanwhile
+    )
+    resent = b.service.submit(spec)
+    (job,) = first
+    assert resent.job_id == job.job_id
+    jobs, _ = a.store.page(None, 10, None)
+    assert [j.job_id for j in jobs] == [job.job_id]

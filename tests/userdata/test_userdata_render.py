@@ -213,3 +213,9 @@ def test_the_unrendered_template_refuses_to_run(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "template" in done.stderr
+
+
+def test_a_shell_script_with_a_here_document_is_not_shipped() -> None:
+    """Its '#' lines would be data, which comment stripping would drop."""
+    with pytest.raises(RuntimeError, match="here-document"):
+        shipped("x.sh", "#!/bin/bash\ncat <<EOF\n# data, not a comment\nEOF\n")
