@@ -234,6 +234,27 @@ def test_two_sweeps_launching_different_candidates_keep_only_the_recorded_one(
     assert len([i for r in ended for i in r["Instances"]]) == 1, "both candidates started"
 
 
+def submits_first(
+    a: ControlPlane,
+    spec: dict[str, Any],
+    b: ControlPlane,
+    events: tuple[str, ...],
+    when: Callable[[dict[str, Any]], bool] = lambda params: True,
+) -> list[Job]:
+    """Make ``a`` submit ``spec`` once, just before ``b``'s first DynamoDB call on one of
+    ``events`` (botocore event names) that ``when`` picks by its parameters: an
+    interleaving of two submissions that no timing could promise. Its job, once made."""
+    first: list[Job] = []
+
+    def hook(params: dict[str, Any], **_: Any) -> None:
+        if not first and when(params):
+            first.append(a.service.submit(spec))
+
+    for event in events:
+        b.store._client.meta.events.register(event, hook)
+    return first
+
+
 def test_two_submissions_of_one_volume_at_once_start_one_job(cloud: LocalCloud) -> None:
     """The second submission read the volume as free just before the first claimed it:
     its write must fail on DynamoDB's condition, not give the volume to two jobs."""
@@ -241,15 +262,7 @@ def test_two_submissions_of_one_volume_at_once_start_one_job(cloud: LocalCloud) 
     spec = {**{k: v for k, v in SPEC.items() if k != "volume_gib"}, "volume_id": volume["VolumeId"]}
     a = lambda_container(cloud)
     b = lambda_container(cloud)
-    first: list[Job] = []
-
-    def a_submits_meanwhile(**_: Any) -> None:
-        if not first:
-            first.append(a.service.submit(spec))
-
-    b.store._client.meta.events.register(
-        "before-call.dynamodb.TransactWriteItems", a_submits_meanwhile
-    )
+    first = submits_first(a, spec, b, ("before-call.dynamodb.TransactWriteItems",))
     with pytest.raises(VolumeClaimed) as refused:
         b.service.submit(spec)
     (job,) = first
@@ -265,16 +278,8 @@ def test_a_submission_and_its_resend_at_once_make_one_job(cloud: LocalCloud) -> 
     spec = {**SPEC, "client_token": "resent-4c1d"}
     a = lambda_container(cloud)
     b = lambda_container(cloud)
-    first: list[Job] = []
-
-    def a_submits_meanwhile(**_: Any) -> None:
-        if not first:
-            first.append(a.service.submit(spec))
-
-    for operation in ("PutItem", "TransactWriteItems"):
-        b.store._client.meta.events.register(
-            f"before-call.dynamodb.{operation}", a_submits_meanwhile
-        )
+    writes = ("before-call.dynamodb.PutItem", "before-call.dynamodb.TransactWriteItems")
+    first = submits_first(a, spec, b, writes)
     resent = b.service.submit(spec)
     (job,) = first
     assert resent.job_id == job.job_id
@@ -296,15 +301,12 @@ def test_a_resend_that_finds_its_own_volume_claim_answers_with_its_job(
     }
     a = lambda_container(cloud)
     b = lambda_container(cloud)
-    first: list[Job] = []
 
-    def a_submits_meanwhile(params: dict[str, Any], **_: Any) -> None:
-        if not first and params["Key"]["pk"]["S"].startswith("VOLUME#"):
-            first.append(a.service.submit(spec))
+    def reads_the_claim(params: dict[str, Any]) -> bool:
+        return bool(params["Key"]["pk"]["S"].startswith("VOLUME#"))
 
-    b.store._client.meta.events.register(
-        "before-parameter-build.dynamodb.GetItem", a_submits_meanwhile
-    )
+    reads = ("before-parameter-build.dynamodb.GetItem",)
+    first = submits_first(a, spec, b, reads, reads_the_claim)
     resent = b.service.submit(spec)
     (job,) = first
     assert resent.job_id == job.job_id
