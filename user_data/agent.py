@@ -619,6 +619,7 @@ class Agent:
 
     def watch(self, workload: Workload) -> int:
         rebalance_seen = None
+        capping: threading.Thread | None = None
         next_sync = time.monotonic() + self.params.sync_interval_seconds
         while True:
             code = workload.poll()
@@ -640,7 +641,10 @@ class Agent:
             if time.monotonic() >= next_sync:
                 next_sync = time.monotonic() + self.params.sync_interval_seconds
                 self.store.push_soon()
-            cap_log(workload.output.name, self.settings.log_limit_bytes)
+            if capping is None or not capping.is_alive():  # a copy of 512 MiB takes seconds
+                log_args = (workload.output.name, self.settings.log_limit_bytes)
+                capping = threading.Thread(target=cap_log, args=log_args, daemon=True)
+                capping.start()
             workload.wait(self.settings.poll_seconds)
 
     def interrupted(self, workload: Workload, notice: str) -> int:
