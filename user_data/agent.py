@@ -159,14 +159,19 @@ def files_under(top: str) -> list[str]:
     return [os.path.relpath(path, top) for path in paths]
 
 
+def log_over(path: str, limit: int) -> bool:
+    try:
+        return os.path.getsize(path) > limit
+    except OSError:
+        return False
+
+
 def cap_log(path: str, limit: int) -> None:
     # A week of a chatty workload fills the root disk: past ``limit``, the log is copied
     # to <path>.1 (the one before is dropped) and emptied in place, as logrotate's
     # copytruncate does. The workload writes with O_APPEND, so it goes on at the new
     # end; the lines written between the copy and the truncate are lost.
     try:
-        if os.path.getsize(path) <= limit:
-            return
         shutil.copyfile(path, path + ".1")
         os.truncate(path, 0)
     except OSError as exc:
@@ -641,8 +646,9 @@ class Agent:
             if time.monotonic() >= next_sync:
                 next_sync = time.monotonic() + self.params.sync_interval_seconds
                 self.store.push_soon()
-            if capping is None or not capping.is_alive():  # a copy of 512 MiB takes seconds
-                log_args = (workload.output.name, self.settings.log_limit_bytes)
+            log_args = (workload.output.name, self.settings.log_limit_bytes)
+            if (capping is None or not capping.is_alive()) and log_over(*log_args):
+                # Beside the loop: a copy of 512 MiB takes seconds, a notice does not wait.
                 capping = threading.Thread(target=cap_log, args=log_args, daemon=True)
                 capping.start()
             workload.wait(self.settings.poll_seconds)
