@@ -11,7 +11,7 @@ A batch (chalicelib.batch: one RunInstances, MinCount=1, MaxCount=N) gives every
 instance the same user data, so it carries the ordered member table: entry i is the job
 of the instance whose ``ami-launch-index`` is i. bootstrap.sh reads that index from
 IMDS and keeps only its entry (``agent.py pick-member``). The table is compressed: the
-template and the scripts take ~13.1 KB of the 16 KB (the agent ships without its
+template and the scripts take ~13.1 KB of the 16 KB (they ship without their
 comments: :func:`shipped`), and a member adds ~0.1-0.5 KB (its secret, ids and prefix
 barely compress; what members share does), so a request holds a few dozen members at
 most; :func:`members_that_fit` says how many.
@@ -86,7 +86,8 @@ def shipped(name: str, text: str) -> str:
 @cache
 def _template() -> tuple[str, str]:
     """The user data template and the encoded bundle; both depend on the files only."""
-    template = (FILES_DIR / "cloud-init.sh").read_text(encoding="utf-8")
+    # Its comments go too: what they say is in the repository, and 16 KB is tight.
+    template = shipped("cloud-init.sh", (FILES_DIR / "cloud-init.sh").read_text(encoding="utf-8"))
     for slot in (_PARAMS_SLOT, _MEMBERS_SLOT, _BUNDLE_SLOT):
         if template.splitlines().count(slot) != 1:
             raise RuntimeError(f"cloud-init.sh must hold the line {slot!r} exactly once")

@@ -577,6 +577,7 @@ class Agent:
         )
         self.stop_reason = ""  # set when the agent itself gets SIGTERM
         self.workload: Workload | None = None
+        self.notice: str | None = None  # why the instance is going, once known
 
     def prepare_volume(self) -> bool:
         # Restore from S3 unless this filesystem already was this job's volume.
@@ -653,19 +654,26 @@ class Agent:
                 capping.start()
             workload.wait(self.settings.poll_seconds)
 
-    def interrupted(self, workload: Workload, notice: str) -> int:
+    def stop_window(self, notice: str | None) -> tuple[float, float, bool]:
+        # When the instance goes (monotonic), the workload's grace, and whether that
+        # time is EC2's. EC2 takes the instance at the notice's time: the grace ends
+        # early enough to keep STOP_RESERVE_SECONDS for the last sync and the report.
+        # Told otherwise (the leave tag, the OS), or by a time already past (the
+        # instance would be gone: the clocks disagree), the full grace, and the sync is
+        # retried for the reserve but never cut short.
         p, reserve = self.params, STOP_RESERVE_SECONDS
-        # EC2 takes the instance at the notice's time: the grace ends early enough to
-        # keep STOP_RESERVE_SECONDS for the last sync and the report, and the sync ends
-        # in time for the report. Told otherwise (the leave tag, the OS), or by a time
-        # already past (the instance would be gone: the clocks disagree), the full
-        # grace, and the sync is retried for the reserve but never cut short.
-        now, goes_at, wall = time.monotonic(), notice_time(notice), time.time()
+        now, wall = time.monotonic(), time.time()
+        goes_at = notice_time(notice) if notice is not None else None
         if goes_at is not None and goes_at > wall:
             deadline, known = now + goes_at - wall, True
         else:
             deadline, known = now + p.grace_seconds + reserve, False
-        grace = max(0.0, min(p.grace_seconds, deadline - reserve - now))
+        return deadline, max(0.0, min(p.grace_seconds, deadline - reserve - now)), known
+
+    def interrupted(self, workload: Workload, notice: str) -> int:
+        p = self.params
+        self.notice = notice
+        deadline, grace, known = self.stop_window(notice)
         LOG.warning("interruption: %s; SIG%s, %.0fs of grace", notice, p.stop_signal, grace)
         code = workload.stop(p.stop_signal, grace)
         synced = self.store.push(until=deadline - 5, hard=known)
@@ -685,14 +693,30 @@ class Agent:
         return self.exit_report(code, f"{workload.error}; {sync}" if workload.error else sync)
 
     def failed(self, exc: BaseException) -> int:
-        # An error of the agent's own: the workload (if it runs) is stopped and its
-        # checkpoints synced, as at an interruption, before the failure is told.
+        # An error of the agent's own: the workload (if it ran) is stopped and its
+        # checkpoints synced, as at an interruption, before the failure is told. On an
+        # instance that is going anyway (a notice, the leave tag), the error is no
+        # failure of the job's: it is told as the interruption it was, so the job is
+        # relaunched from its checkpoint instead of failing.
         workload, p = self.workload, self.params
+        notice = self.notice
+        if notice is None:
+            with contextlib.suppress(Exception):
+                notice = self.stop_reason or self.metadata.probe("spot/instance-action")
+        deadline, grace, _ = self.stop_window(notice)
         with contextlib.suppress(Exception):
-            if workload is not None and workload.running():
-                workload.stop(p.stop_signal, p.grace_seconds)
-                self.store.push(until=time.monotonic() + STOP_RESERVE_SECONDS, hard=True)
-        return self.exit_report(AGENT_FAILED, f"agent failed: {exc!r}")
+            if workload is not None:
+                if workload.running():
+                    workload.stop(p.stop_signal, grace)
+                self.store.push(until=deadline - 5, hard=True)
+        if notice is None:
+            return self.exit_report(AGENT_FAILED, f"agent failed: {exc!r}")
+        with contextlib.suppress(Exception):  # a report that fails must not skip shutdown
+            self.reporter.drain(5)
+            detail = f"{notice.strip()}; agent failed: {exc!r}"
+            self.reporter.report("interrupted", detail=detail, until=deadline)
+            self.store.push_logs(self.settings.log_dir)
+        return shutdown()
 
     def exit_report(self, code: int, detail: str) -> int:
         self.reporter.drain(10)

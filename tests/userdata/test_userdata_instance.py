@@ -682,6 +682,47 @@ def test_an_agent_error_while_the_workload_runs_stops_and_syncs_it_first(
     assert len(box.calls("shutdown")) == 1
 
 
+# Loaded by every python on the instance (PYTHONPATH): once the file "fault" exists,
+# the agent's next checkpoint upload raises what the agent has no handling for.
+FAULT_HOOK = """
+import os, sys
+def hook(event, args):
+    if event == "subprocess.Popen" and os.path.exists(os.environ["FAULT_FILE"]):
+        argv = list(args[1])
+        if argv[:3] == ["aws", "s3", "sync"] and "--exclude" in argv:
+            os.remove(os.environ["FAULT_FILE"])
+            raise MemoryError("cannot fork aws")
+sys.addaudithook(hook)
+"""
+
+
+def test_an_agent_error_during_an_interruption_is_told_as_the_interruption(
+    box: Instance, tmp_path: Path
+) -> None:
+    # The job is being relaunched anyway: an error of the agent's then must not fail it.
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(FAULT_HOOK)
+    fault = tmp_path / "fault"
+    box.env.update(PYTHONPATH=str(hooks), FAULT_FILE=str(fault))
+    same_volume(box)
+    proc = box.start(box.params(python_workload(box, "trainer", TRAINER), grace_seconds=5))
+    wait_for((box.mount / "running").exists, what="workload start")
+    fault.touch()
+    box.imds.interrupt()
+    proc.communicate(timeout=60)
+    assert "MemoryError" in box.agent_log()
+    assert not fault.exists()  # the fault struck the sync after the notice
+    assert (box.mount / "sigterm-at").exists()
+    synced = box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt"
+    assert synced.read_text() == "state at sigterm"  # the sync tried again after it
+    assert reports(box, "exited") == []
+    (told,) = reports(box, "interrupted")
+    assert "agent failed: MemoryError" in told["body"]["detail"]
+    assert '"action": "terminate"' in told["body"]["detail"]
+    assert len(box.calls("shutdown")) == 1
+
+
 def same_volume(box: Instance) -> None:
     (box.mount / ".spotctl").mkdir()
     (box.mount / ".spotctl/volume-id").write_text(VOLUME_ID + "\n")

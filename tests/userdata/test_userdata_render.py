@@ -144,6 +144,10 @@ def test_parameters_and_files_round_trip_through_the_shell_slots() -> None:
         }
     )
     text = render_user_data(hostile)
+    # The template ships without its comments too; its lines are otherwise its own.
+    template = (REPO / "user_data" / "cloud-init.sh").read_text().splitlines()
+    assert [line for line in text.splitlines() if line.startswith("#")] == ["#!/bin/bash"]
+    assert len(text.splitlines()) == len(template) and template[1].startswith("# ")
     doc = json.loads(base64.b64decode(slot(text, "SPOTCTL_PARAMS_B64")))
     assert doc == params_document(hostile)
     files = json.loads(bz2.decompress(base64.b85decode(slot(text, "SPOTCTL_BUNDLE_B85"))))
