@@ -94,6 +94,13 @@ class ServiceUnavailableError(ChaliceViewError):
     STATUS_CODE = 503
 
 
+class NotConfiguredError(ChaliceViewError):
+    """503 that asking again will not cure: the deployment lacks a setting. Its own
+    ``Code`` (Chalice answers with the class's name) tells clients not to retry."""
+
+    STATUS_CODE = 503
+
+
 _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     InvalidJobSpec: BadRequestError,
     JobNotFound: NotFoundError,
@@ -104,7 +111,7 @@ _HTTP_ERRORS: dict[type[SpotctlError], type[ChaliceViewError]] = {
     TokenReused: ConflictError,
     RequestTooLarge: PayloadTooLargeError,
     Busy: ServiceUnavailableError,
-    NotConfigured: ServiceUnavailableError,
+    NotConfigured: NotConfiguredError,
 }
 
 T = TypeVar("T")

@@ -164,7 +164,11 @@ def document() -> dict[str, Any]:
                             "client_token made a job from another spec"
                         ),
                         "413": _error("body too large"),
-                        "503": _error("busy: other writers kept changing the volume's claim"),
+                        "503": _error(
+                            "busy: other writers kept changing the volume's claim (asking "
+                            "again will do); or, with Code NotConfiguredError, the "
+                            "deployment lacks a setting (asking again will not)"
+                        ),
                     },
                 },
                 "get": {

@@ -154,10 +154,13 @@ def call(base: str, method: str, path: str, body: Any = None, token: str | None 
     except urllib.error.HTTPError as exc:
         text = exc.read().decode(errors="replace")
         try:
-            message = json.loads(text).get("Message", text)
+            answer = json.loads(text)
+            message, code = answer.get("Message", text), answer.get("Code")
         except (json.JSONDecodeError, AttributeError):
-            message = text
-        kind = ApiUnavailable if exc.code == 429 or exc.code >= 500 else CliError
+            message, code = text, None
+        # A deployment that lacks a setting stays so: asking again would only wait.
+        transient = exc.code == 429 or (exc.code >= 500 and code != "NotConfiguredError")
+        kind = ApiUnavailable if transient else CliError
         raise kind(f"{method} {path}: HTTP {exc.code}: {message}") from None
     except (OSError, http.client.HTTPException) as exc:
         raise ApiUnavailable(f"cannot reach the spotctl API at {base}: {exc!r}") from None

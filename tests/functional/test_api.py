@@ -474,6 +474,7 @@ def test_a_deployment_without_its_api_url_refuses_submissions_as_its_own_fault(
     assert response.status_code == 503, response.body
     message = json.loads(response.body)["Message"]
     assert message.startswith("this deployment cannot launch instances yet: api_url")
+    assert json.loads(response.body)["Code"] == "NotConfiguredError"  # clients: do not retry
     table = boto3.client("dynamodb", region_name="us-east-1").scan(TableName=TABLE)
     assert table["Items"] == []
     assert env.cloud.volumes() == []

@@ -150,6 +150,27 @@ def test_submit_sends_a_client_token_and_the_same_submission_again_when_unanswer
     assert json.loads(api.requests[0].split(" ", 2)[2])["client_token"] != bodies[0]["client_token"]
 
 
+def test_submit_does_not_resend_to_a_deployment_that_lacks_a_setting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 503 that waiting will not cure (the API's NotConfiguredError): one try, said.
+    monkeypatch.setattr(cli, "WAIT_CLOCK", FakeTime())
+    spec = tmp_path / "job.yaml"
+    spec.write_text(SPEC)
+    message = "this deployment cannot launch instances yet: api_url is not set"
+    posts = [(503, {"Code": "NotConfiguredError", "Message": message})]
+    with ScriptedApi([(200, {})], posts) as api:
+        assert spotctl(api.url, "submit", str(spec)) == 1
+    assert len(api.requests) == 1
+    err = capsys.readouterr().err
+    assert err == f"spotctl: POST /jobs: HTTP 503: {message}\n"
+    # A 503 of another kind (busy) is sent again, as before.
+    busy = [(503, {"Code": "ServiceUnavailableError", "Message": "busy"}), (201, view("SUBMITTED"))]
+    with ScriptedApi([(200, {})], busy) as api:
+        assert spotctl(api.url, "submit", str(spec)) == 0
+    assert len(api.requests) == 2
+
+
 def test_a_resent_submission_reaches_the_job_the_first_made(
     api_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
