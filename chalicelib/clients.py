@@ -20,6 +20,26 @@ if TYPE_CHECKING:
 _RETRIES = {"mode": "standard", "max_attempts": 6}
 
 
+# EC2 answers a launch it has no capacity for as a server error (HTTP 500), which the
+# standard mode would send again six times, with backoff, into the same empty pool:
+# seconds of a two-minute notice, and the account's RunInstances budget. A refusal
+# is final; the next pool is the retry.
+FINAL_LAUNCH_ERRORS = frozenset(
+    {"InsufficientInstanceCapacity", "InsufficientHostCapacity", "InsufficientCapacity"}
+)
+
+
+def _refusal_is_final(response: Any = None, operation: Any = None, **_: Any) -> None:
+    """needs-retry handler: raise a capacity refusal at once instead of retrying it."""
+    from botocore.exceptions import ClientError  # noqa: PLC0415
+
+    if response is None:  # no answer (a connection error): the retry mode decides
+        return
+    _, parsed = response
+    if parsed.get("Error", {}).get("Code") in FINAL_LAUNCH_ERRORS:
+        raise ClientError(parsed, operation.name)
+
+
 @cache
 def _client(service: str, region: str) -> Any:
     import boto3  # noqa: PLC0415 - lazy: the handlers that never call AWS skip it
@@ -27,7 +47,10 @@ def _client(service: str, region: str) -> Any:
 
     config = BotoConfig(retries=_RETRIES, connect_timeout=5, read_timeout=20)  # type: ignore[arg-type]
     make: Any = boto3.session.Session().client  # the service name is a plain str here
-    return make(service, region_name=region, config=config)
+    client = make(service, region_name=region, config=config)
+    if service == "ec2":
+        client.meta.events.register_first("needs-retry.ec2.RunInstances", _refusal_is_final)
+    return client
 
 
 def ec2(region: str) -> EC2Client:

@@ -464,10 +464,12 @@ class SandboxEc2:
                     f"Spot request fulfillment price of {price:g}.",
                 )
             if not self.market.available(instance_type, az, now):
+                # A server error on EC2 (HTTP 500, which botocore's retry modes retry).
                 raise Ec2Error(
                     "InsufficientInstanceCapacity",
                     f"There is no Spot capacity available that matches your request "
                     f"({instance_type} in {az}).",
+                    status=500,
                 )
         # EC2 starts as many as it can up to MaxCount; moto starts MinCount. The sandbox's
         # capacity is all or nothing per pool, so "as many as it can" is MaxCount.
@@ -544,6 +546,21 @@ class SandboxEc2:
         return self.upstream.send_ec2(request, params)
 
     def _create_volume(self, request: Ec2Request) -> UpstreamResponse:
+        # EC2: a volume made from a snapshot is at least the snapshot's size (moto
+        # makes a smaller one).
+        snapshot_id, size = request.params.get("SnapshotId"), request.params.get("Size")
+        if snapshot_id and size:
+            client = self._client(request.region)
+            try:
+                snapshots = client.describe_snapshots(SnapshotIds=[snapshot_id])["Snapshots"]
+            except ClientError:
+                snapshots = []  # moto says what EC2 says of a snapshot it does not know
+            least = max((int(s.get("VolumeSize", 0)) for s in snapshots), default=0)
+            if int(size) < least:
+                raise Ec2Error(
+                    "InvalidParameterValue",
+                    f"Volume of {size}GiB is too small; minimum is {least}GiB.",
+                )
         return self._idempotent(request, lambda params: self.upstream.send_ec2(request, params))
 
     # -- state changes ---------------------------------------------------------------------

@@ -110,3 +110,15 @@ def test_force_detach_frees_volume_at_once(ec2: Any) -> None:
     ec2.attach_volume(VolumeId=data, InstanceId=instance_id, Device="/dev/sdf")
     ec2.detach_volume(VolumeId=data, Force=True)
     assert volume(ec2, data)["State"] == "available"
+
+
+def test_a_volume_from_a_snapshot_is_at_least_the_snapshot_s_size(ec2: Any) -> None:
+    source = ec2.create_volume(AvailabilityZone="us-east-1a", Size=10)["VolumeId"]
+    snapshot = ec2.create_snapshot(VolumeId=source)["SnapshotId"]
+    with pytest.raises(ClientError) as exc:
+        ec2.create_volume(AvailabilityZone="us-east-1a", SnapshotId=snapshot, Size=5)
+    assert code(exc) == "InvalidParameterValue"
+    assert "minimum is 10GiB" in str(exc.value)
+    for size in ({"Size": 10}, {"Size": 11}, {}):
+        made = ec2.create_volume(AvailabilityZone="us-east-1a", SnapshotId=snapshot, **size)
+        assert made["Size"] == size.get("Size", 10)

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from chalicelib import clients
 from spotctl.sandbox import LocalCloud, SpotPool, load_trace, pools_from_traces
 
 from .conftest import AMI, GPU, launch, trace_dir, write_trace
@@ -28,7 +30,8 @@ def test_proxy_error_is_ec2_xml_that_botocore_parses_into_client_error(
     with pytest.raises(ClientError) as exc:
         launch(ec2)
     assert error_code(exc) == "InsufficientInstanceCapacity"
-    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+    # EC2 lists it among its server errors: HTTP 500, as it answers it.
+    assert exc.value.response["ResponseMetadata"]["HTTPStatusCode"] == 500
 
     body = (
         f"Action=RunInstances&Version=2016-11-15&ImageId={AMI}&MinCount=1&MaxCount=1"
@@ -47,9 +50,40 @@ def test_proxy_error_is_ec2_xml_that_botocore_parses_into_client_error(
     with pytest.raises(urllib.error.HTTPError) as http_error:
         urllib.request.urlopen(raw)  # noqa: S310 - loopback sandbox
     xml = http_error.value.read().decode()
-    assert http_error.value.code == 400
+    assert http_error.value.code == 500
     assert "<Response><Errors><Error><Code>InsufficientInstanceCapacity</Code><Message>" in xml
     assert "</Message></Error></Errors><RequestID>" in xml
+
+
+def test_spotctl_takes_a_capacity_refusal_at_once_where_botocore_would_retry_it(
+    cloud: LocalCloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    requests: list[str] = []
+    proxy = cloud._proxy
+    assert proxy is not None
+    handle = proxy.ec2_handler
+
+    def counted(request: Any) -> Any:
+        requests.append(request.action)
+        return handle(request)
+
+    monkeypatch.setattr(proxy, "ec2_handler", counted)
+    cloud.clock.advance(600)  # type: ignore[attr-defined]  # the pool has no capacity now
+    # botocore alone (standard mode, one retry: max_attempts counts retries) sends it again.
+    plain = cloud.client("ec2", config=Config(retries={"mode": "standard", "max_attempts": 1}))
+    with pytest.raises(ClientError):
+        launch(plain)
+    assert requests.count("RunInstances") == 2
+    # spotctl's client (chalicelib.clients): one request; the next pool is the retry.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", cloud.endpoint_url)
+    clients.reset()
+    try:
+        with pytest.raises(ClientError) as exc:
+            launch(clients.ec2("us-east-1"))
+    finally:
+        clients.reset()
+    assert error_code(exc) == "InsufficientInstanceCapacity"
+    assert requests.count("RunInstances") == 3
 
 
 def test_spot_launch_in_pool_without_capacity_fails_with_insufficient_capacity(
