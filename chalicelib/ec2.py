@@ -279,16 +279,18 @@ class Ec2Gateway:
             return SnapshotView(snapshot_id, "missing")
         return SnapshotView(snapshot_id, snapshots[0]["State"])
 
-    def snapshot_exists(self, snapshot_id: str) -> bool:
-        """Whether this account can see the snapshot (its own, shared or public): a
-        volume can be created from it."""
+    def snapshot_size(self, snapshot_id: str) -> int | None:
+        """The GiB of the volume the snapshot was taken of (the least a volume made from
+        it can have), or None when this account cannot see it (its own, shared or
+        public ones it can)."""
         try:
             response = self._client.describe_snapshots(SnapshotIds=[snapshot_id])
         except ClientError as exc:
             if exc.response["Error"]["Code"] in _MISSING_CODES:
-                return False
+                return None
             _raise_typed(exc)
-        return bool(response.get("Snapshots"))
+        snapshots = response.get("Snapshots", [])
+        return int(snapshots[0].get("VolumeSize", 0)) if snapshots else None
 
     def snapshot_of_move(self, job_id: str, move: int) -> str | None:
         """The snapshot a (possibly dead) pass took for move ``move`` of ``job_id``."""

@@ -434,6 +434,11 @@ class Job(BaseModel):
     cancel_requested_at: float | None = None
     delete_volume_on_cancel: bool = False
     data_synced_at: float | None = None  # the agent's last checkpoint sync to S3
+    # Where the agent syncs checkpoints and results, fixed at submission: the spec's
+    # results_s3_uri, or the deployment bucket's jobs/<id> (None: no S3 copy at all).
+    # Records stored before it was kept have None here and runtime.s3_prefix_for's
+    # fallback.
+    results_uri: str | None = None
     failure: str | None = None
 
     @property

@@ -107,6 +107,7 @@ def _schemas() -> dict[str, Any]:
             "wait_until": {"type": ["string", "null"], "format": "date-time"},
             "cancel_requested_at": {"type": ["string", "null"], "format": "date-time"},
             "delete_volume_on_cancel": {"type": "boolean"},
+            "results_uri": {"type": ["string", "null"]},
             "events": {"type": "array", "items": {"type": "object"}},
         },
     }

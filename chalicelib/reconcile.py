@@ -534,7 +534,7 @@ def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str])
     """The job's volume is gone: restart from S3 on a new volume, or fail."""
     volume = job.volume
     assert volume is not None
-    if not volume.created_by_spotctl or job.spec.results_s3_uri is None:
+    if not volume.created_by_spotctl or (job.results_uri or job.spec.results_s3_uri) is None:
         job = _fail(job, now, f"volume {volume.volume_id} was lost and no S3 copy exists")
         return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
     lost = 1 + sum(1 for e in job.timeline if e.kind == "volume-lost")

@@ -78,6 +78,8 @@ def agent_params(job: Job, attempt: Attempt, config: Config, secret: str) -> Age
 
 
 def s3_prefix_for(job: Job, config: Config) -> str | None:
+    if job.results_uri:
+        return job.results_uri
     if job.spec.results_s3_uri:
         return job.spec.results_s3_uri
     return f"s3://{config.bucket}/jobs/{job.job_id}" if config.bucket else None
@@ -108,7 +110,14 @@ def build(config: Config) -> ControlPlane:
         clock=time.time,
         fleet=fleet,
     )
-    service = JobService(store, reconciler, secrets.signing_key, time.time, region=config.region)
+    service = JobService(
+        store,
+        reconciler,
+        secrets.signing_key,
+        time.time,
+        region=config.region,
+        bucket=config.bucket,
+    )
     return ControlPlane(config, store, reconciler, service)
 
 

@@ -254,6 +254,7 @@ class JobService:
     clock: Callable[[], float]
     new_id: Callable[[], str] = new_job_id
     region: str | None = None  # the deployment's: a job's zones must be in it
+    bucket: str | None = None  # the deployment's, for jobs that name no results_s3_uri
 
     def submit(self, body: Any) -> Job:
         spec = parse_model(JobSpec, body)
@@ -272,6 +273,8 @@ class JobService:
             created_at=now,
             updated_at=now,
             secret_hash=hash_secret(derive_secret(self.signing_key(), job_id)),
+            results_uri=spec.results_s3_uri
+            or (f"s3://{self.bucket}/jobs/{job_id}" if self.bucket else None),
         ).with_event(now, "submitted", spec.name)
         self._check_user_data(job, now)
         try:
@@ -373,8 +376,8 @@ class JobService:
 
     def _check_data_source(self, spec: JobSpec) -> None:
         """Refuse a volume_id or snapshot_id EC2 does not know (or a volume outside the
-        job's zones). Best effort: when EC2 cannot answer now, the first pass finds
-        out and fails the job saying so."""
+        job's zones, or a volume_gib smaller than the snapshot). Best effort: when EC2
+        cannot answer now, the first pass finds out and fails the job saying so."""
         ec2 = self.reconciler.ec2
         try:
             if spec.volume_id is not None:
@@ -391,10 +394,17 @@ class JobService:
                     self.store.refuse_if_live(spec.volume_id, volume.job_id)
             if spec.snapshot_id is not None:
                 self.reconciler.calls.append("ec2:DescribeSnapshots")
-                if not ec2.snapshot_exists(spec.snapshot_id):
+                size = ec2.snapshot_size(spec.snapshot_id)
+                if size is None:
                     raise InvalidJobSpec(
                         f"snapshot_id: {spec.snapshot_id} does not exist "
                         "(or is not shared with this account)"
+                    )
+                if spec.volume_gib is not None and spec.volume_gib < size:
+                    raise InvalidJobSpec(
+                        f"volume_gib: {spec.volume_gib} is smaller than snapshot "
+                        f"{spec.snapshot_id} ({size} GiB); give at least {size}, or leave "
+                        "volume_gib out for a volume of the snapshot's size"
                     )
         except Ec2Failure as exc:
             if not exc.transient:
@@ -524,6 +534,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "wait_until": iso(job.wait_until),
         "cancel_requested_at": iso(job.cancel_requested_at),
         "delete_volume_on_cancel": job.delete_volume_on_cancel,
+        "results_uri": job.results_uri,
         "attempts": [
             {
                 "number": a.number,

@@ -56,6 +56,11 @@ BAD_SPECS = [
     ("results_s3_uri", {"results_s3_uri": "s3://bucket/" + "k" * 1025}),
     ("deadline", {"deadline": "2020-01-01T00:00:00Z"}),
     ("deadline", {"deadline": "2030-01-01T00:00:00"}),
+    # Strings pydantic reads as a time but that are not ISO 8601 date-times.
+    ("deadline", {"deadline": "2000000000"}),
+    ("deadline", {"deadline": "-5"}),
+    ("deadline", {"deadline": "2030-01-01_00:00:00Z"}),
+    ("deadline", {"deadline": "2030-01-01"}),
     ("max_price_per_hour", {"max_price_per_hour": -1}),
     ("max_restarts_on_errors", {"max_restarts_on_errors": -1}),
     ("max_restarts_on_errors", {"max_restarts_on_errors": 11}),
@@ -369,6 +374,26 @@ def test_a_deadline_not_even_on_demand_could_meet_is_rejected_and_writes_nothing
     assert response.status_code == 201
 
 
+def test_a_deadline_must_be_an_iso_8601_date_and_time_with_a_time_zone(env: Env) -> None:
+    # Unix time in a string: pydantic alone would take it as 2033-05-18T03:33:20Z.
+    response = post_raw(env, json.dumps({**VALID, "deadline": "2000000000"}))
+    assert response.status_code == 400, response.body
+    assert json.loads(response.body)["Message"] == (
+        "deadline: must be an ISO 8601 date and time like '2026-12-01T00:00:00Z'"
+    )
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    # ISO 8601 with a time zone, in the forms it allows: accepted, and shown in UTC.
+    for written, shown in (
+        ("2099-12-01T00:00:00Z", "2099-12-01T00:00:00Z"),
+        ("2099-12-01T02:00:00+02:00", "2099-12-01T00:00:00Z"),
+        ("2099-12-01T00:00Z", "2099-12-01T00:00:00Z"),
+        ("2099-12-01T00:00:00.5Z", "2099-12-01T00:00:00.500000Z"),
+    ):
+        response = post_raw(env, json.dumps({**VALID, "deadline": written}))
+        assert response.status_code == 201, (written, response.body)
+        assert json.loads(response.body)["spec"]["deadline"] == shown
+
+
 def test_the_job_environment_is_shown_and_shipped_to_its_instance(env: Env) -> None:
     variables = {"NCCL_DEBUG": "INFO", "ARGS": "--lr 3e-4 '$(id)'"}
     response = post_raw(env, json.dumps({**VALID, "env": variables}))
@@ -417,9 +442,22 @@ def test_a_volume_or_snapshot_ec2_does_not_know_is_rejected_and_writes_nothing(
         assert json.loads(response.body)["Message"] == message
     assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
     assert [v["VolumeId"] for v in env.ec2.describe_volumes()["Volumes"]] == [elsewhere]
-    # The same sources, known to EC2: accepted.
+    # A volume made from a snapshot is at least the snapshot's size (EC2 refuses less).
     snapshot = env.ec2.create_snapshot(VolumeId=elsewhere)["SnapshotId"]
-    for change in ({"volume_id": elsewhere}, {"snapshot_id": snapshot}):
+    body = {**VALID, "volume_gib": 19, "snapshot_id": snapshot}
+    response = post_raw(env, json.dumps(body))
+    assert response.status_code == 400, response.body
+    assert json.loads(response.body)["Message"] == (
+        f"volume_gib: 19 is smaller than snapshot {snapshot} (20 GiB); give at least 20, "
+        "or leave volume_gib out for a volume of the snapshot's size"
+    )
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    # The same sources, known to EC2 (and a snapshot grown into a larger volume): accepted.
+    for change in (
+        {"volume_id": elsewhere},
+        {"snapshot_id": snapshot},
+        {"snapshot_id": snapshot, "volume_gib": 20},
+    ):
         body = {k: v for k, v in {**VALID, "volume_gib": None, **change}.items() if v is not None}
         assert post_raw(env, json.dumps(body)).status_code == 201
 

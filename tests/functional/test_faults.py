@@ -315,8 +315,25 @@ def test_deleted_volume_is_restored_from_s3_into_a_new_volume(env: Env) -> None:
     assert len(env.cloud.live_instances(job_id)) == 1
 
 
-def test_deleted_volume_without_an_s3_copy_fails_the_job(env: Env) -> None:
+def test_a_job_synced_to_the_deployment_bucket_restores_from_it_too(env: Env) -> None:
+    # No results_s3_uri: the agent syncs to the stage's bucket, which is an S3 copy too.
     job_id, first, volume_id = running(env)
+    assert env.job(job_id)["results_uri"] == f"s3://spotctl-results/jobs/{job_id}"
+    env.cloud.reclaim(first)
+    env.ec2.delete_volume(VolumeId=volume_id)
+    env.cloud.state_change(first, "terminated")
+    job = env.job(job_id)
+    assert "volume-lost" in kinds(job), job["failure"]
+    assert job["state"] in ("RECOVERING", "PROVISIONING")
+    assert job["volume"]["volume_id"] != volume_id
+
+
+def test_deleted_volume_without_an_s3_copy_fails_the_job(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime.control_plane().service, "bucket", None)  # a stage without one
+    job_id, first, volume_id = running(env)
+    assert env.job(job_id)["results_uri"] is None
     env.cloud.reclaim(first)
     env.ec2.delete_volume(VolumeId=volume_id)
     env.cloud.state_change(first, "terminated")
