@@ -83,6 +83,12 @@ _RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _IMAGE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._/:@-]{0,254}")
+# An ISO 8601 date and time (extended format, seconds optional, time zone checked after
+# parsing): pydantic alone would also take Unix time ("2000000000") or a '_' separator.
+_DATE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}(:[0-9]{2}([.,][0-9]+)?)?"
+    r"([Zz]|[+-][0-9]{2}:?[0-9]{2})?"
+)
 JOB_ID = re.compile(r"j-[0-9a-f]{16}")
 
 MAX_COMMAND_BYTES = 4096
@@ -268,6 +274,8 @@ class JobSpec(BaseModel):
     def _time_string(cls, value: object) -> object:
         if value is not None and not isinstance(value, str | datetime):
             raise ValueError("must be a time like '2026-12-01T00:00:00Z' (a string)")
+        if isinstance(value, str) and not _DATE_TIME.fullmatch(value):
+            raise ValueError("must be an ISO 8601 date and time like '2026-12-01T00:00:00Z'")
         return value
 
     @field_validator("deadline")

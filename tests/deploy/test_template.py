@@ -121,6 +121,10 @@ def test_the_table_matches_what_the_store_queries(template) -> None:
         expected["AttributeDefinitions"], key=str
     )
     assert table["DeletionPolicy"] == "Retain"
+    # Both paths leave encryption at DynamoDB's default, the AWS-owned key (docs/deploy.md):
+    # SSEEnabled true would switch the template's table to the KMS key aws/dynamodb.
+    assert "SSESpecification" not in properties
+    assert "SSESpecification" not in expected
     assert properties["TimeToLiveSpecification"] == {
         "AttributeName": TTL_ATTRIBUTE,
         "Enabled": True,
