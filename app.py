@@ -19,6 +19,7 @@ took. The queue is also the second chance for a warning the fast path failed on.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -150,12 +151,27 @@ def _error(error: type[ChaliceViewError], message: str) -> Response:
     )
 
 
+def _learn_api_url(request: Request) -> None:
+    """On a stage that could not give the API handler its own URL, read it from the
+    request: API Gateway names the domain and the stage it was called on. Only its
+    own execute-api domain is taken, never a Host a client could send."""
+    if runtime.control_plane().config.api_url:
+        return
+    context = request.context or {}
+    domain, stage = str(context.get("domainName", "")), str(context.get("stage", ""))
+    if re.fullmatch(r"[a-z0-9]+\.execute-api\.[a-z0-9-]+\.amazonaws\.com(\.cn)?", domain) and (
+        re.fullmatch(r"[A-Za-z0-9_-]+", stage)
+    ):
+        runtime.learn_api_url(f"https://{domain}/{stage}")
+
+
 @app.middleware("http")
 def authenticate(request: Request, get_response: Callable[[Request], Response]) -> Response:
     """Every route: bounded headers; user routes: the configured credentials."""
     header_bytes = sum(len(k) + len(v) for k, v in request.headers.items())
     if header_bytes > MAX_HEADER_BYTES:
         return _error(HeadersTooLargeError, f"headers: over {MAX_HEADER_BYTES} bytes in all")
+    _learn_api_url(request)
     if request.path not in _OPEN_ROUTES:
         config = runtime.control_plane().config
         if config.auth == "token":

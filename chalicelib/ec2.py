@@ -61,11 +61,17 @@ INSTANCES_PAGE = 1000
 VOLUMES_PAGE = 500
 
 
+# EC2's StateReason code for an instance shut down from its own OS (the agent's
+# `shutdown -h now`), as against Server.SpotInstanceTermination and the like.
+SHUT_DOWN_FROM_INSIDE = "Client.InstanceInitiatedShutdown"
+
+
 @dataclass(frozen=True)
 class InstanceView:
     instance_id: str
     state: InstanceStateName
     az: str = ""
+    reason: str = ""  # EC2's StateReason code, when it gives one
 
     @property
     def gone(self) -> bool:
@@ -190,6 +196,7 @@ class Ec2Gateway:
                         iid,
                         instance["State"]["Name"],
                         instance.get("Placement", {}).get("AvailabilityZone", ""),
+                        instance.get("StateReason", {}).get("Code", ""),
                     )
         return views
 
@@ -449,6 +456,11 @@ class Ec2Gateway:
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "InvalidInstanceID.NotFound":
                 _raise_typed(exc)
+            if len(ids) > 1:
+                # EC2 refuses the whole request for one id it does not know (long gone,
+                # or not visible yet): the others must still go.
+                for instance_id in ids:
+                    self.terminate([instance_id])
 
     def ask_to_leave(self, instance_id: str, at: str) -> None:
         """Tag the instance with ``LEAVE_TAG`` (value ``at``); an instance already gone

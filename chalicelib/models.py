@@ -57,6 +57,9 @@ Market = Literal["spot", "on-demand"]
 # End reasons of an attempt.
 ENDED_INTERRUPTED = "interrupted"  # AWS warned, then took the instance back
 ENDED_RECLAIMED = "reclaimed"  # the instance vanished without a warning reaching us
+# The instance shut itself down (its OS did: EC2's Client.InstanceInitiatedShutdown),
+# and no report of why reached us: not capacity taken back.
+ENDED_SHUT_DOWN = "shut-down"
 ENDED_STOPPED = "stopped"  # the instance stopped; we terminated it to free the volume
 ENDED_COMPLETED = "completed"  # the workload exited (any code)
 ENDED_FAILED = "failed"  # the workload exited non-zero; the job starts it again
@@ -390,6 +393,7 @@ class Volume(BaseModel):
     volume_id: str
     az: str
     created_by_spotctl: bool
+    created_at: float | None = None  # when spotctl made it (None: adopted, or older record)
 
 
 class VolumeMove(BaseModel):
@@ -442,6 +446,10 @@ class Job(BaseModel):
     cancel_requested_at: float | None = None
     delete_volume_on_cancel: bool = False
     data_synced_at: float | None = None  # the agent's last checkpoint sync to S3
+    # The attempt whose agent said, in its last report (interrupted or exited), that its
+    # final sync to S3 worked: after the workload stopped, so nothing newer is on the
+    # volume. Only then may a cancel delete the volume (if that attempt was its last).
+    final_sync_attempt: int | None = None
     # Where the agent syncs checkpoints and results, fixed at submission: the spec's
     # results_s3_uri, or the deployment bucket's jobs/<id> (None: no S3 copy at all).
     # Records stored before it was kept have None here and runtime.s3_prefix_for's

@@ -47,6 +47,7 @@ from typing import NamedTuple
 from chalicelib import metrics, placement
 from chalicelib.ec2 import (
     JOB_TAG,
+    SHUT_DOWN_FROM_INSIDE,
     Ec2Gateway,
     InstanceView,
     LaunchSettings,
@@ -71,6 +72,7 @@ from chalicelib.models import (
     ENDED_LAUNCH_FAILED,
     ENDED_LEFT_ON_DEMAND,
     ENDED_RECLAIMED,
+    ENDED_SHUT_DOWN,
     ENDED_STOPPED,
     Attempt,
     Job,
@@ -230,23 +232,36 @@ def decide(job: Job, observed: Observed, now: float, sweeping: bool = False) -> 
     job, terminate = _account_for_instances(job, observed, now)
 
     if job.state.is_terminal():
-        return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+        return Decision(job, _terminate(terminate, _alive_ids(job, observed, now)))
     if job.cancel_requested_at is not None:
         return _cancel(job, observed, now, terminate)
     if _restarts_after_error(job):
         return _restart_after_error(job, observed, now, terminate)
     if job.exit_code is not None:
         return _complete(job, observed, now, terminate)
+    silent = _silent_shutdowns(job)
+    if silent >= MAX_SILENT_SHUTDOWNS:
+        why = (
+            f"its last {silent} instances shut themselves down and none of their reports "
+            "reached the API: can instances reach it? (their logs go to S3, under logs/)"
+        )
+        job = _fail(job, now, why)
+        return Decision(job, _terminate(terminate, _alive_ids(job, observed, now)))
 
     if job.volume is None and job.spec.volume_id is not None:
         job = _adopt_existing_volume(job, observed, now)
         if job.state.is_terminal():
-            return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+            return Decision(job, _terminate(terminate, _alive_ids(job, observed, now)))
         if job.volume is None:  # attached elsewhere: launch nothing until it is free
             update = {"state": JobState.WAITING, "wait_until": now + VOLUME_BUSY_RECHECK_SECONDS}
             return Decision(job.model_copy(update=update), _terminate(terminate))
 
-    if job.volume is not None and observed.volume is not None and observed.volume.gone:
+    if (
+        job.volume is not None
+        and observed.volume is not None
+        and observed.volume.gone
+        and not _not_visible_yet(observed.volume.state, job.volume.created_at, now)
+    ):
         return _volume_lost(job, observed, now, terminate)
 
     current = job.current
@@ -347,10 +362,10 @@ def _account_for_instances(job: Job, observed: Observed, now: float) -> tuple[Jo
         if attempt.ended or attempt.instance_id is None:
             continue
         view = observed.instance(attempt.instance_id)
-        if view is None:
+        if view is None or _not_visible_yet(view.state, attempt.requested_at, now):
             continue
         if view.gone:
-            reason = _why_gone(job, attempt)
+            reason = _why_gone(job, attempt, view)
             job = _end_attempt(job, attempt, reason, now)
             detail = f"{attempt.instance_id} {view.state}"
             job = job.with_event(now, f"instance-{reason}", detail, attempt.number)
@@ -370,14 +385,40 @@ def _account_for_instances(job: Job, observed: Observed, now: float) -> tuple[Jo
     return job, terminate
 
 
-def _why_gone(job: Job, attempt: Attempt) -> str:
+def _why_gone(job: Job, attempt: Attempt, view: InstanceView) -> str:
     if job.cancel_requested_at is not None:
         return ENDED_CANCELLED
     if job.exit_code is not None:
         return ENDED_FAILED if _restarts_after_error(job) else ENDED_COMPLETED
     if attempt.left_at is not None:
         return ENDED_LEFT_ON_DEMAND
-    return ENDED_INTERRUPTED if attempt.warned_at is not None else ENDED_RECLAIMED
+    if attempt.warned_at is not None or _agent_told(job, attempt, "agent-interrupted"):
+        return ENDED_INTERRUPTED
+    if view.reason == SHUT_DOWN_FROM_INSIDE:
+        return ENDED_SHUT_DOWN
+    return ENDED_RECLAIMED
+
+
+def _agent_told(job: Job, attempt: Attempt, kind: str) -> bool:
+    return any(e.kind == kind and e.attempt == attempt.number for e in job.timeline)
+
+
+# Instances that shut themselves down without a word reaching the API, one after the
+# other, before the job fails instead of launching another: they cannot report (no
+# route to the API, say), and each would run and bill in vain.
+MAX_SILENT_SHUTDOWNS = 3
+
+
+def _silent_shutdowns(job: Job) -> int:
+    """How many of the job's last instances, in a row, shut down unexplained."""
+    count = 0
+    for attempt in reversed(job.attempts):
+        if attempt.instance_id is None:
+            continue
+        if attempt.end_reason != ENDED_SHUT_DOWN:
+            break
+        count += 1
+    return count
 
 
 def _end_attempt(job: Job, attempt: Attempt, reason: str, now: float) -> Job:
@@ -385,15 +426,28 @@ def _end_attempt(job: Job, attempt: Attempt, reason: str, now: float) -> Job:
     return job.replace_attempt(ended)
 
 
-def _alive_ids(job: Job, observed: Observed) -> list[str]:
+def _alive_ids(job: Job, observed: Observed, now: float) -> list[str]:
     alive = []
     for attempt in job.attempts:
         if attempt.instance_id is None:
             continue
         view = observed.instance(attempt.instance_id)
-        if view is not None and not view.gone:
+        if view is None:
+            continue
+        if not view.gone or _not_visible_yet(view.state, attempt.requested_at, now):
             alive.append(attempt.instance_id)
     return alive
+
+
+# EC2 is eventually consistent: for a while after RunInstances or CreateVolume, a
+# describe may not show what was just made (its NotFound "does not mean the instance
+# has been terminated", says the EC2 API reference). Something EC2 does not show is
+# taken for gone only this long after it was made; until then it may be coming.
+NOT_VISIBLE_GRACE_SECONDS = 300.0
+
+
+def _not_visible_yet(state: str, made_at: float | None, now: float) -> bool:
+    return state == "missing" and made_at is not None and now - made_at < NOT_VISIBLE_GRACE_SECONDS
 
 
 def _terminate(*groups: Sequence[str]) -> tuple[Action, ...]:
@@ -404,7 +458,7 @@ def _terminate(*groups: Sequence[str]) -> tuple[Action, ...]:
 def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
     if job.move is not None:
         job = apply_move_failed(job, "the job was cancelled", now)
-    alive = _alive_ids(job, observed)
+    alive = _alive_ids(job, observed, now)
     pending_launch = [a for a in job.attempts if not a.ended and a.instance_id is None]
     for attempt in pending_launch:
         job = _end_attempt(job, attempt, ENDED_CANCELLED, now)
@@ -420,19 +474,69 @@ def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> D
     for attempt in job.attempts:
         if not attempt.ended:
             job = _end_attempt(job, attempt, ENDED_CANCELLED, now)
-    job = job.model_copy(update={"state": JobState.CANCELLED})
-    job = job.with_event(now, "cancelled")
     actions: list[Action] = [*orphans, *_terminate(terminate)]
     volume = job.volume
-    if job.delete_volume_on_cancel and volume is not None:
-        if not volume.created_by_spotctl:
-            job = job.with_event(now, "volume-kept", "spotctl did not create it; it stays")
-        elif job.data_synced_at is None:
-            job = job.with_event(now, "volume-kept", "its data was never synced to S3")
-        elif observed.volume is not None and observed.volume.state == "available":
-            actions.append(DeleteVolume(volume.volume_id))
-            job = job.with_event(now, "volume-deleted", volume.volume_id)
-    return Decision(job, tuple(actions))
+    if not job.delete_volume_on_cancel or volume is None:
+        return Decision(_cancelled(job, now), tuple(actions))
+    why_kept, report_due = _why_volume_kept(job)
+    free = observed.volume is not None and observed.volume.state == "available"
+    gone = observed.volume is None or observed.volume.gone
+    if not gone and ((why_kept is None and not free) or report_due):
+        # The instance is gone, but its volume may still be detaching, and the agent's
+        # last report (its final sync) may still be on its way: wait for both, a while.
+        since = job.cancel_requested_at if job.cancel_requested_at is not None else now
+        if now - since < CANCEL_VOLUME_WAIT_SECONDS:
+            job = job.model_copy(update={"state": JobState.CANCELLING})
+            if job.timeline[-1].kind != "volume-wait":
+                job = job.with_event(now, "volume-wait", _volume_wait_detail(volume, why_kept))
+            return Decision(job, tuple(actions))
+        if why_kept is None:
+            state = observed.volume.state if observed.volume is not None else "missing"
+            minutes = CANCEL_VOLUME_WAIT_SECONDS // 60
+            why_kept = f"it was still {state} {minutes} min after the cancel"
+    job = _cancelled(job, now)
+    if gone:
+        return Decision(job, tuple(actions))
+    if why_kept is not None:
+        return Decision(job.with_event(now, "volume-kept", why_kept), tuple(actions))
+    actions.append(DeleteVolume(volume.volume_id))
+    return Decision(job.with_event(now, "volume-deleted", volume.volume_id), tuple(actions))
+
+
+# How long a cancel that deletes the volume waits, after the request, for the volume to
+# be detached and for the last instance's final report (the agent retries it 10 min).
+CANCEL_VOLUME_WAIT_SECONDS = 15 * 60
+
+
+def _cancelled(job: Job, now: float) -> Job:
+    return job.model_copy(update={"state": JobState.CANCELLED}).with_event(now, "cancelled")
+
+
+def _why_volume_kept(job: Job) -> tuple[str | None, bool]:
+    """Why a cancel may not delete the job's volume (None: its data is safe elsewhere),
+    and whether a report still on its way could make it safe.
+
+    Safe means: spotctl made the volume, the job has an S3 copy, and the last instance
+    that had the volume said in its last report that its final sync, after the
+    workload stopped, worked. A volume no instance ever had holds only what it was
+    made from (nothing, or a snapshot that stays)."""
+    volume = job.volume
+    assert volume is not None
+    if not volume.created_by_spotctl:
+        return "spotctl did not create it; it stays", False
+    ran = [a.number for a in job.attempts if a.instance_id is not None]
+    if not ran:
+        return None, False
+    if (job.results_uri or job.spec.results_s3_uri) is None:
+        return "the job has no S3 prefix: its data is on the volume alone", False
+    if job.final_sync_attempt != ran[-1]:
+        return f"attempt {ran[-1]} did not report a final sync to S3 that worked", True
+    return None, False
+
+
+def _volume_wait_detail(volume: Volume, why_kept: str | None) -> str:
+    what = "it to be detached" if why_kept is None else "the last instance's final sync"
+    return f"{volume.volume_id}: waiting for {what} before deleting it"
 
 
 def _complete(job: Job, observed: Observed, now: float, terminate: list[str]) -> Decision:
@@ -459,7 +563,7 @@ def _complete(job: Job, observed: Observed, now: float, terminate: list[str]) ->
             failure += ", after " + " and ".join(restarts)
         update["failure"] = failure
     job = job.model_copy(update=update).with_event(now, state.value.lower(), f"exit code {code}")
-    return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+    return Decision(job, _terminate(terminate, _alive_ids(job, observed, now)))
 
 
 def _restarts_after_error(job: Job) -> bool:
@@ -474,7 +578,7 @@ def _restart_after_error(
     of the job's instances is alive: the agent shuts its instance down after reporting
     the exit, and we terminate it too rather than wait on that. The next attempt is
     planned as any relaunch is, so it may go to another pool or zone."""
-    alive = _alive_ids(job, observed)
+    alive = _alive_ids(job, observed, now)
     if alive:
         return Decision(job, _terminate(terminate, alive))
     # A launch written ahead but never seen (a pass that died) is ended like the rest;
@@ -536,7 +640,7 @@ def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str])
     assert volume is not None
     if not volume.created_by_spotctl or (job.results_uri or job.spec.results_s3_uri) is None:
         job = _fail(job, now, f"volume {volume.volume_id} was lost and no S3 copy exists")
-        return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+        return Decision(job, _terminate(terminate, _alive_ids(job, observed, now)))
     lost = 1 + sum(1 for e in job.timeline if e.kind == "volume-lost")
     if lost >= MAX_VOLUMES_LOST:
         # EBS loses a volume rarely; one after another means the next will go the same
@@ -544,13 +648,13 @@ def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str])
         state = observed.volume.state if observed.volume is not None else "missing"
         why = f"{lost} volumes lost, the last {volume.volume_id} ({state}): not making another"
         job = _fail(job, now, why)
-        return Decision(job, _terminate(terminate, _alive_ids(job, observed)))
+        return Decision(job, _terminate(terminate, _alive_ids(job, observed, now)))
     job = job.model_copy(update={"volume": None, "move": None})
     job = job.with_event(now, "volume-lost", f"{volume.volume_id}; a new volume restores from S3")
     current = job.current
     if current is not None and not current.ended:
         job = _end_attempt(job, current, ENDED_RECLAIMED, now)
-    alive = _alive_ids(job, observed)
+    alive = _alive_ids(job, observed, now)
     decision = _next_attempt(job, replace(observed, volume=None), now, terminate + alive)
     return decision
 
@@ -572,7 +676,7 @@ def _next_attempt(
         not why_here  # just moved: launch where the volume now is
         and (previous is None or previous.ended)
         and observed.instances is not None
-        and not _alive_ids(job, observed)
+        and not _alive_ids(job, observed, now)
         and placement.can_move(job, now)
     )
     plan = placement.plan(job, observed.prices, now, number, movable, observed.fleet)
@@ -664,7 +768,7 @@ def _move_volume(
         return wait
     if restored.gone:
         return _move_failed(job, observed, now, terminate, f"new volume {restored.state}")
-    new = Volume(volume_id=move.volume_id, az=move.to_az, created_by_spotctl=True)
+    new = Volume(volume_id=move.volume_id, az=move.to_az, created_by_spotctl=True, created_at=now)
     kept = (*job.kept_after_moves, move.from_volume_id, move.snapshot_id)
     job = job.model_copy(update={"volume": new, "move": None, "kept_after_moves": kept})
     detail = (
@@ -725,7 +829,7 @@ def _place_volume(
 
 
 def apply_volume_created(job: Job, action: CreateVolume, volume_id: str, now: float) -> Job:
-    volume = Volume(volume_id=volume_id, az=action.az, created_by_spotctl=True)
+    volume = Volume(volume_id=volume_id, az=action.az, created_by_spotctl=True, created_at=now)
     return job.model_copy(update={"volume": volume}).with_event(now, "volume-created", volume_id)
 
 

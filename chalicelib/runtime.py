@@ -7,7 +7,7 @@ must be in place first), and cached for the life of the Lambda container.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from chalicelib import clients
@@ -98,9 +98,13 @@ def build(config: Config) -> ControlPlane:
             security_groups=config.security_groups,
         )
 
+    plane: ControlPlane | None = None
+
     def user_data(job: Job, attempt: Attempt) -> str:
+        # The plane's config as it is now: the API handler may learn its URL later.
+        now_config = plane.config if plane is not None else config
         secret = derive_secret(secrets.signing_key(), job.job_id)
-        return render_user_data(agent_params(job, attempt, config, secret))
+        return render_user_data(agent_params(job, attempt, now_config, secret))
 
     reconciler = Reconciler(
         store=store,
@@ -118,12 +122,25 @@ def build(config: Config) -> ControlPlane:
         region=config.region,
         bucket=config.bucket,
     )
-    return ControlPlane(config, store, reconciler, service)
+    plane = ControlPlane(config, store, reconciler, service)
+    return plane
 
 
 @cache
 def control_plane() -> ControlPlane:
     return build(Config.from_env())
+
+
+def learn_api_url(url: str) -> None:
+    """Take ``url`` as the API's, if the deployment gave none.
+
+    On a CloudFormation stage (docs/deploy.md, path B) every function is given the
+    API's URL except the API handler itself: the API refers to that function, so the
+    function cannot refer to the API. It learns the URL from the requests API Gateway
+    sends it, which name the API's domain and stage."""
+    plane = control_plane()
+    if not plane.config.api_url:
+        plane.config = replace(plane.config, api_url=url.rstrip("/"))
 
 
 def reset() -> None:

@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,6 +40,7 @@ from chalicelib.models import (
     ENDED_COMPLETED,
     ENDED_FAILED,
     ENDED_RECLAIMED,
+    ENDED_SHUT_DOWN,
     Attempt,
     Job,
     JobSpec,
@@ -74,11 +76,16 @@ class AgentReport(BaseModel):
     kind: ReportKind
     exit_code: int | None = Field(default=None, ge=-255, le=255)
     detail: str = Field(default="", max_length=500)
+    # With the last report (interrupted, exited): whether the final sync to S3, after
+    # the workload stopped, worked. Absent: not known (nothing ran, or no S3 prefix).
+    synced: StrictBool | None = None
 
     @model_validator(mode="after")
     def _exit_code_with_exit(self) -> AgentReport:
         if (self.kind == "exited") != (self.exit_code is not None):
             raise ValueError("exit_code is required with kind 'exited' and only with it")
+        if self.synced is not None and self.kind not in ("interrupted", "exited"):
+            raise ValueError("synced goes only with kind 'interrupted' or 'exited'")
         return self
 
 
@@ -451,11 +458,22 @@ def _check_deadline(spec: JobSpec, now: float) -> None:
         )
 
 
+def _note_final_sync(job: Job, report: AgentReport) -> Job:
+    """Whether the volume's data is all in S3 after this attempt's last sync (a late
+    report of an earlier attempt changes nothing of a later one's)."""
+    if report.attempt < (job.final_sync_attempt or 0):
+        return job
+    synced = report.attempt if report.synced else None
+    return job.model_copy(update={"final_sync_attempt": synced})
+
+
 def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
     def apply(job: Job, now: float) -> Job:
         attempt = job.attempt(report.attempt)
         if job.state.is_terminal() or attempt is None:
             return job
+        if report.kind in ("interrupted", "exited"):
+            job = _note_final_sync(job, report)
         detail = report.detail
         if report.kind == "exited":
             if job.exit_code is not None or attempt.end_reason == ENDED_FAILED:
@@ -467,7 +485,7 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
                 job, told = job.replace_attempt(failed).restarted(report.exit_code)
                 detail = f"exit code {report.exit_code}, after a relaunch: {told}"
                 return job.with_event(now, "agent-exited", detail, report.attempt)
-            if attempt.end_reason == ENDED_RECLAIMED:
+            if attempt.end_reason in (ENDED_RECLAIMED, ENDED_SHUT_DOWN):
                 # Its instance was found gone unwarned before this report: the
                 # workload's exit (its agent shuts the instance down) was the end.
                 ended = attempt.model_copy(update={"end_reason": ENDED_COMPLETED})

@@ -263,11 +263,16 @@ class Reporter:
         exit_code: int | None = None,
         detail: str = "",
         until: float = 0,
+        synced: bool | None = None,
     ) -> bool:
         # Tried report_attempts times or, given ``until``, until that monotonic time.
+        # ``synced``: the last sync, after the workload stopped, worked (a cancel may
+        # then delete the volume); None when there is no S3 copy or nothing ran.
         body: dict[str, Any] = {"attempt": self._params.attempt, "kind": kind}
         if exit_code is not None:
             body["exit_code"] = exit_code
+        if synced is not None:
+            body["synced"] = synced
         if detail:
             body["detail"] = detail[:500]
         headers = {
@@ -393,6 +398,10 @@ class CheckpointStore:
             return retried("sync", upload, self._backoff, 1, until)
         finally:
             self._lock.release()
+
+    def told(self, synced: bool) -> bool | None:
+        # What a last report says of its sync: nothing when there is no S3 copy.
+        return synced if self.remote is not None else None
 
     def push_soon(self) -> None:
         if self._thread is None or not self._thread.is_alive():
@@ -679,7 +688,9 @@ class Agent:
         synced = self.store.push(until=deadline - 5, hard=known)
         detail = f"{notice.strip()}; workload exit {code}; sync {'ok' if synced else 'FAILED'}"
         self.reporter.drain(5)
-        self.reporter.report("interrupted", detail=detail, until=deadline)
+        self.reporter.report(
+            "interrupted", detail=detail, until=deadline, synced=self.store.told(synced)
+        )
         self.store.push_logs(self.settings.log_dir)
         # Going now frees the volume for the replacement.
         return shutdown()
@@ -690,7 +701,8 @@ class Agent:
             workload.stop(self.params.stop_signal, self.params.grace_seconds)
         synced = self.store.push(until=time.monotonic() + FINAL_SYNC_SECONDS)
         sync = f"sync {'ok' if synced else 'FAILED'}"
-        return self.exit_report(code, f"{workload.error}; {sync}" if workload.error else sync)
+        detail = f"{workload.error}; {sync}" if workload.error else sync
+        return self.exit_report(code, detail, self.store.told(synced))
 
     def failed(self, exc: BaseException) -> int:
         # An error of the agent's own: the workload (if it ran) is stopped and its
@@ -704,25 +716,26 @@ class Agent:
             with contextlib.suppress(Exception):
                 notice = self.stop_reason or self.metadata.probe("spot/instance-action")
         deadline, grace, _ = self.stop_window(notice)
+        synced = None  # nothing ran, or it could not be stopped and synced
         with contextlib.suppress(Exception):
             if workload is not None:
                 if workload.running():
                     workload.stop(p.stop_signal, grace)
-                self.store.push(until=deadline - 5, hard=True)
+                synced = self.store.told(self.store.push(until=deadline - 5, hard=True))
         if notice is None:
-            return self.exit_report(AGENT_FAILED, f"agent failed: {exc!r}")
+            return self.exit_report(AGENT_FAILED, f"agent failed: {exc!r}", synced)
         with contextlib.suppress(Exception):  # a report that fails must not skip shutdown
             self.reporter.drain(5)
             detail = f"{notice.strip()}; agent failed: {exc!r}"
-            self.reporter.report("interrupted", detail=detail, until=deadline)
+            self.reporter.report("interrupted", detail=detail, until=deadline, synced=synced)
             self.store.push_logs(self.settings.log_dir)
         return shutdown()
 
-    def exit_report(self, code: int, detail: str) -> int:
+    def exit_report(self, code: int, detail: str, synced: bool | None = None) -> int:
         self.reporter.drain(10)
         until = time.monotonic() + FINAL_REPORT_SECONDS
         with contextlib.suppress(Exception):  # a report that fails must not skip shutdown
-            self.reporter.report("exited", exit_code=code, detail=detail, until=until)
+            self.reporter.report("exited", code, detail, until, synced)
             self.store.push_logs(self.settings.log_dir)
         return shutdown()
 

@@ -120,11 +120,24 @@ class Interruption:
     rebalance: bool
 
 
+# EC2's StateReason (code, message) of an instance that ended other than by the API's
+# TerminateInstances (which moto reports: Client.UserInitiatedShutdown).
+SHUT_DOWN_FROM_INSIDE = (
+    "Client.InstanceInitiatedShutdown",
+    "Client.InstanceInitiatedShutdown: Instance initiated shutdown",
+)
+SPOT_TERMINATION = (
+    "Server.SpotInstanceTermination",
+    "Server.SpotInstanceTermination: Spot instance termination",
+)
+
+
 @dataclass
 class _Instance:
     info: InstanceInfo
     state: str = "running"
     interruption: Interruption | None = None
+    reason: tuple[str, str] | None = None  # its StateReason, where moto's is wrong
 
 
 @dataclass(frozen=True)
@@ -271,6 +284,7 @@ class SandboxEc2:
             "DetachVolume": self._detach_volume,
             "DeleteVolume": self._delete_volume,
             "DescribeVolumes": self._describe_volumes,
+            "DescribeInstances": self._describe_instances,
             "DescribeSpotPriceHistory": self._describe_spot_price_history,
             "CreateTags": self._create_tags,
         }
@@ -398,6 +412,8 @@ class SandboxEc2:
     def _terminate_interrupted(self, record: _Instance) -> None:
         info = record.info
         attached = self._data_volumes_of(info.region, [info.instance_id])
+        with self._lock:
+            record.reason = record.reason or SPOT_TERMINATION
         try:
             self._client(info.region).terminate_instances(InstanceIds=[info.instance_id])
         except ClientError:
@@ -721,6 +737,36 @@ class SandboxEc2:
                     f"Volume {volume_id} is currently attached to {detaching.instance_id}",
                 )
             return self.upstream.send_ec2(request, request.params)
+
+    def note_shutdown_from_inside(self, instance_id: str) -> None:
+        """The instance's own OS is shutting it down (``shutdown -h now``), which EC2
+        tells apart from a TerminateInstances call in the instance's StateReason."""
+        with self._lock:
+            record = self._instances.get(instance_id)
+            if record is not None and record.reason is None:
+                record.reason = SHUT_DOWN_FROM_INSIDE
+
+    def _describe_instances(self, request: Ec2Request) -> UpstreamResponse:
+        answer = self.upstream.send_ec2(request, request.params)
+        with self._lock:
+            reasons = {i: r.reason for i, r in self._instances.items() if r.reason is not None}
+        if answer.status != 200 or not reasons:
+            return answer
+        root = _parse(answer.body)
+        ns = "{" + EC2_NAMESPACE.rstrip("/") + "}"
+        for item in root.iterfind("{*}reservationSet/{*}item/{*}instancesSet/{*}item"):
+            reason = reasons.get(_text(item, "{*}instanceId"))
+            if reason is None or _text(item, "{*}instanceState/{*}name") != "terminated":
+                continue
+            state_reason = item.find("{*}stateReason")
+            if state_reason is None:
+                state_reason = ET.SubElement(item, ns + "stateReason")
+            for child in list(state_reason):
+                state_reason.remove(child)
+            ET.SubElement(state_reason, ns + "code").text = reason[0]
+            ET.SubElement(state_reason, ns + "message").text = reason[1]
+        body = ET.tostring(root, encoding="unicode")
+        return UpstreamResponse(200, [("Content-Type", "text/xml")], body.encode())
 
     def _describe_volumes(self, request: Ec2Request) -> UpstreamResponse:
         self._expire_detaches(self.clock.now())

@@ -366,6 +366,7 @@ class InstanceEmulator:
 
         def terminate() -> None:
             try:
+                self.cloud.ec2.note_shutdown_from_inside(instance_id)
                 self.cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
             except Exception:
                 logger.exception("shutdown of %s failed", instance_id)

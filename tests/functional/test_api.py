@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import re
 from datetime import UTC, datetime
@@ -287,6 +288,9 @@ def test_report_without_a_secret_is_refused(env: Env) -> None:
         ({"attempt": 0, "kind": "started"}, "attempt"),
         ({"attempt": 9, "kind": "started"}, "attempt"),
         ({"attempt": 1, "kind": "dancing"}, "kind"),
+        ({"attempt": 1, "kind": "started", "synced": True}, "synced"),
+        ({"attempt": 1, "kind": "interrupted", "synced": "yes"}, "synced"),
+        ({"attempt": 1, "kind": "exited", "exit_code": 0, "synced": 1}, "synced"),
     ],
 )
 def test_bad_report_is_400_and_writes_nothing(env: Env, body: dict[str, Any], field: str) -> None:
@@ -382,10 +386,10 @@ def test_a_deadline_must_be_an_iso_8601_date_and_time_with_a_time_zone(env: Env)
         "deadline: must be an ISO 8601 date and time like '2026-12-01T00:00:00Z'"
     )
     assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
-    # ISO 8601 with a time zone, in the forms it allows: accepted, and shown in UTC.
+    # ISO 8601 with a time zone, in the forms it allows: accepted, and shown with seconds.
     for written, shown in (
         ("2099-12-01T00:00:00Z", "2099-12-01T00:00:00Z"),
-        ("2099-12-01T02:00:00+02:00", "2099-12-01T00:00:00Z"),
+        ("2099-12-01T02:00:00+02:00", "2099-12-01T02:00:00+02:00"),
         ("2099-12-01T00:00Z", "2099-12-01T00:00:00Z"),
         ("2099-12-01T00:00:00.5Z", "2099-12-01T00:00:00.500000Z"),
     ):
@@ -516,6 +520,66 @@ def test_a_deployment_without_its_api_url_refuses_submissions_as_its_own_fault(
     table = boto3.client("dynamodb", region_name="us-east-1").scan(TableName=TABLE)
     assert table["Items"] == []
     assert env.cloud.volumes() == []
+
+
+class LambdaContext:
+    """What the Lambda runtime passes a handler, as far as the app reads it."""
+
+    function_name = "spotctl-dev"
+    memory_limit_in_mb = 512
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:spotctl-dev"
+    aws_request_id = "0b2f7a4e-0000-4000-8000-000000000000"
+
+    def get_remaining_time_in_millis(self) -> int:
+        return 60_000
+
+
+def test_an_api_handler_without_its_url_learns_it_from_api_gateway(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CloudFormation stage cannot give the API handler its own URL (the API refers
+    to the function): API Gateway's request context names the domain and stage."""
+    from app import app
+
+    plane = runtime.control_plane()
+    monkeypatch.setattr(plane, "config", dataclasses.replace(plane.config, api_url=""))
+    domain = "a1b2c3d4e5.execute-api.us-east-1.amazonaws.com"
+    event: dict[str, Any] = {  # API Gateway's REST proxy event (payload 1.0), as Lambda gets it
+        "resource": "/jobs",
+        "path": "/jobs",
+        "httpMethod": "POST",
+        "headers": {"content-type": "application/json", "Host": domain},
+        "multiValueHeaders": {},
+        "queryStringParameters": None,
+        "multiValueQueryStringParameters": None,
+        "pathParameters": None,
+        "stageVariables": None,
+        "requestContext": {
+            "resourcePath": "/jobs",
+            "httpMethod": "POST",
+            "path": "/api/jobs",
+            "stage": "api",
+            "domainName": domain,
+            "identity": {"sourceIp": "203.0.113.7"},
+        },
+        "body": json.dumps(VALID),
+        "isBase64Encoded": False,
+    }
+    answer = app(event, LambdaContext())
+    assert answer["statusCode"] == 201, answer["body"]
+    assert runtime.control_plane().config.api_url == f"https://{domain}/api"
+    instance = json.loads(answer["body"])["attempts"][0]["instance_id"]
+    found = env.ec2.describe_instance_attribute(InstanceId=instance, Attribute="userData")
+    text = base64.b64decode(found["UserData"]["Value"]).decode()
+    match = re.search(r"^SPOTCTL_PARAMS_B64='([^']+)'$", text, re.MULTILINE)
+    assert match
+    assert json.loads(base64.b64decode(match[1]))["api_url"] == f"https://{domain}/api"
+    # A Host a client sends is no API Gateway domain: nothing is learnt from it.
+    monkeypatch.setattr(plane, "config", dataclasses.replace(plane.config, api_url=""))
+    event["requestContext"]["domainName"] = "evil.example.com"
+    answer = app(event, LambdaContext())
+    assert answer["statusCode"] == 503
+    assert runtime.control_plane().config.api_url == ""
 
 
 def test_a_submission_sent_again_with_its_client_token_makes_one_job(env: Env) -> None:

@@ -14,6 +14,15 @@ from tests.functional.conftest import Env
 from tests.functional.test_ec2_errors import Refusal, state_of, sweeps
 from tests.functional.test_faults import kinds, running
 
+# What the agent reports when the cancel's terminate reaches it (SIGTERM): the workload
+# stopped, and the sync after it worked.
+FINAL_SYNC_OK = {
+    "attempt": 1,
+    "kind": "interrupted",
+    "detail": "agent got SIGTERM (instance shutting down); workload exit 143; sync ok",
+    "synced": True,
+}
+
 
 def test_a_cancel_whose_terminate_is_throttled_is_finished_by_the_sweep(env: Env) -> None:
     job_id, first, _ = running(env)
@@ -79,6 +88,7 @@ def test_a_second_cancel_may_add_delete_volume(env: Env) -> None:
     assert json.loads(again.body)["delete_volume_on_cancel"] is True
 
     env.cloud.state_change(first, "terminated")
+    assert env.report(job_id, FINAL_SYNC_OK).status_code == 200  # the agent, at SIGTERM
     sweeps(env, 2)
     job = env.job(job_id)
     assert job["state"] == "CANCELLED"

@@ -132,6 +132,8 @@ def test_a_volume_ec2_will_not_delete_on_cancel_is_kept_and_the_job_cancelled(
     env.report(job_id, {"attempt": 1, "kind": "checkpoint_synced"})
     refusal = Refusal("DeleteVolume", "UnauthorizedOperation", "not authorized: ec2:DeleteVolume")
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    final = {"attempt": 1, "kind": "interrupted", "detail": "sync ok", "synced": True}
+    assert env.report(job_id, final).status_code == 200  # its agent, at the terminate
     env.cloud.sweep()
     job = env.job(job_id)
     assert job["state"] == "CANCELLED"

@@ -319,6 +319,7 @@ def test_a_job_synced_to_the_deployment_bucket_restores_from_it_too(env: Env) ->
     # No results_s3_uri: the agent syncs to the stage's bucket, which is an S3 copy too.
     job_id, first, volume_id = running(env)
     assert env.job(job_id)["results_uri"] == f"s3://spotctl-results/jobs/{job_id}"
+    env.clock.advance(HOUR)
     env.cloud.reclaim(first)
     env.ec2.delete_volume(VolumeId=volume_id)
     env.cloud.state_change(first, "terminated")
@@ -334,6 +335,7 @@ def test_deleted_volume_without_an_s3_copy_fails_the_job(
     monkeypatch.setattr(runtime.control_plane().service, "bucket", None)  # a stage without one
     job_id, first, volume_id = running(env)
     assert env.job(job_id)["results_uri"] is None
+    env.clock.advance(HOUR)
     env.cloud.reclaim(first)
     env.ec2.delete_volume(VolumeId=volume_id)
     env.cloud.state_change(first, "terminated")

@@ -15,9 +15,17 @@ import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
 from chalicelib import runtime
+from chalicelib.reconcile import CANCEL_VOLUME_WAIT_SECONDS
 from tests.functional.conftest import Env
 
 HOUR = 3600.0
+
+
+def sweeps(env: Env, n: int) -> None:
+    """``n`` one-minute sweeps."""
+    for _ in range(n):
+        env.clock.advance(60)
+        env.cloud.sweep()
 
 
 def running_job(env: Env, **spec: Any) -> tuple[str, str, str]:
@@ -325,21 +333,88 @@ def test_cancel_while_recovering_leaves_no_instance(env: Env) -> None:
 
 
 def test_cancel_with_delete_volume_keeps_a_volume_never_synced(env: Env) -> None:
-    job_id, _, volume_id = running_job(env)
+    job_id, _, volume_id = running_job(env, results_s3_uri="s3://bucket/run")
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    env.cloud.sweep()
+    job = env.job(job_id)
+    assert job["state"] == "CANCELLING"  # the agent's final report may still come
+    assert job["events"][-1]["kind"] == "volume-wait"
+    env.clock.advance(CANCEL_VOLUME_WAIT_SECONDS)
     env.cloud.sweep()
     job = env.job(job_id)
     assert job["state"] == "CANCELLED"
     assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
-    assert any(e["kind"] == "volume-kept" for e in job["events"])
+    kept = [e["detail"] for e in job["events"] if e["kind"] == "volume-kept"]
+    assert kept == ["attempt 1 did not report a final sync to S3 that worked"]
 
 
-def test_cancel_with_delete_volume_deletes_a_synced_volume(env: Env) -> None:
+def test_cancel_with_delete_volume_deletes_a_volume_whose_final_sync_worked(env: Env) -> None:
     job_id, _, volume_id = running_job(env)
     env.report(job_id, {"attempt": 1, "kind": "checkpoint_synced"})
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    final = {"attempt": 1, "kind": "interrupted", "detail": "sync ok", "synced": True}
+    assert env.report(job_id, final).status_code == 200
     env.cloud.sweep()
     assert env.job(job_id)["state"] == "CANCELLED"
+    remaining = env.ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [volume_id]}])
+    assert remaining["Volumes"] == []
+
+
+def test_cancel_keeps_a_volume_written_after_its_last_sync(env: Env) -> None:
+    """A periodic sync, then hours of training, then the instance gone unwarned (no
+    final sync): the volume holds what S3 does not. A cancel must not delete it."""
+    job_id, first, volume_id = running_job(env)
+    env.report(job_id, {"attempt": 1, "kind": "checkpoint_synced"})
+    env.clock.advance(3 * 3600)
+    env.cloud.reclaim(first)
+    env.cloud.state_change(first, "terminated")
+    env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    sweeps(env, 2)
+    env.clock.advance(CANCEL_VOLUME_WAIT_SECONDS)
+    sweeps(env, 1)
+    job = env.job(job_id)
+    assert job["state"] == "CANCELLED"
+    assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+    assert "volume-deleted" not in [e["kind"] for e in job["events"]]
+    # Said as it is: a final sync that failed is no better.
+    job_id, _, volume_id = running_job(env)
+    env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    failed = {"attempt": 1, "kind": "interrupted", "detail": "sync FAILED", "synced": False}
+    assert env.report(job_id, failed).status_code == 200
+    env.clock.advance(CANCEL_VOLUME_WAIT_SECONDS)
+    sweeps(env, 1)
+    assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
+
+
+def test_cancel_deletes_the_volume_once_it_is_detached(env: Env) -> None:
+    """On EC2 the volume is still attached (then detaching) for a while after the
+    instance is gone; the cancel waits for it instead of leaving it to bill forever."""
+    job_id, first, volume_id = running_job(env)
+    detached = {"yet": False}
+
+    def still_in_use(parsed: dict[str, Any], **_: Any) -> None:
+        for volume in parsed.get("Volumes", []):
+            if volume["VolumeId"] == volume_id and not detached["yet"]:
+                volume["State"] = "in-use"
+
+    ec2 = runtime.control_plane().reconciler.ec2._client
+    ec2.meta.events.register("after-call.ec2.DescribeVolumes", still_in_use)
+    env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    final = {"attempt": 1, "kind": "interrupted", "detail": "sync ok", "synced": True}
+    assert env.report(job_id, final).status_code == 200
+    env.cloud.state_change(first, "terminated")
+    sweeps(env, 2)
+    job = env.job(job_id)
+    assert job["state"] == "CANCELLING"
+    assert (
+        job["events"][-1]["detail"]
+        == f"{volume_id}: waiting for it to be detached before deleting it"
+    )
+    detached["yet"] = True
+    sweeps(env, 1)
+    job = env.job(job_id)
+    assert job["state"] == "CANCELLED"
+    assert job["events"][-1] == {**job["events"][-1], "kind": "volume-deleted", "detail": volume_id}
     remaining = env.ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [volume_id]}])
     assert remaining["Volumes"] == []
 

@@ -353,3 +353,23 @@ def test_tags_in_instance_metadata_restrict_instance_tag_keys_like_aws(ec2: Any)
     assert "team/owner" not in described[ours]
     assert "spotctl:leave" in described[ours]
     assert {"team/owner", "with space"} <= described[plain]
+
+
+def test_an_instance_s_state_reason_says_how_it_ended(cloud: LocalCloud, ec2: Any) -> None:
+    """EC2 tells a reclaim, a shutdown from the instance's OS and a TerminateInstances
+    apart (StateReason); moto says "user initiated" of all three."""
+
+    def reason(instance_id: str) -> str:
+        found = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]
+        return str(found["Instances"][0]["StateReason"]["Code"])
+
+    reclaimed, shut, terminated = launch(ec2), launch(ec2), launch(ec2)
+    assert cloud.ec2.interrupt(reclaimed)
+    cloud.advance(121)  # the notice's two minutes
+    cloud.ec2.note_shutdown_from_inside(shut)
+    ec2.terminate_instances(InstanceIds=[shut])
+    ec2.terminate_instances(InstanceIds=[terminated])
+    assert cloud.ec2.instance_state(reclaimed) == "terminated"
+    assert reason(reclaimed) == "Server.SpotInstanceTermination"
+    assert reason(shut) == "Client.InstanceInitiatedShutdown"
+    assert reason(terminated) == "Client.UserInitiatedShutdown"

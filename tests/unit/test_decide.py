@@ -20,6 +20,7 @@ from chalicelib.models import (
     VolumeMove,
 )
 from chalicelib.reconcile import (
+    CANCEL_VOLUME_WAIT_SECONDS,
     AttachVolume,
     CreateSnapshot,
     CreateVolume,
@@ -372,12 +373,13 @@ ROWS = [
         JobState.CANCELLED,
     ),
     Row(
-        "cancelled with delete_volume and data synced: volume deleted",
+        "cancelled with delete_volume, the last instance's final sync reported: deleted",
         RUNNING_1.model_copy(
             update={
                 "cancel_requested_at": NOW,
                 "delete_volume_on_cancel": True,
-                "data_synced_at": NOW - 10,
+                "results_uri": "s3://bucket/jobs/j",
+                "final_sync_attempt": 1,
             }
         ),
         Observed(instances(**{"i-1": "terminated"}), volume("available", None)),
@@ -385,8 +387,53 @@ ROWS = [
         [DeleteVolume],
     ),
     Row(
-        "cancelled with delete_volume but never synced: volume kept",
-        RUNNING_1.model_copy(update={"cancel_requested_at": NOW, "delete_volume_on_cancel": True}),
+        "cancelled with delete_volume, synced, volume still attached: wait for it",
+        RUNNING_1.model_copy(
+            update={
+                "cancel_requested_at": NOW,
+                "delete_volume_on_cancel": True,
+                "results_uri": "s3://bucket/jobs/j",
+                "final_sync_attempt": 1,
+            }
+        ),
+        Observed(instances(**{"i-1": "terminated"}), volume("in-use", "i-1")),
+        JobState.CANCELLING,
+    ),
+    Row(
+        "cancelled with delete_volume, only a periodic sync: wait for the final one",
+        RUNNING_1.model_copy(
+            update={
+                "cancel_requested_at": NOW,
+                "delete_volume_on_cancel": True,
+                "results_uri": "s3://bucket/jobs/j",
+                "data_synced_at": NOW - 10,
+            }
+        ),
+        Observed(instances(**{"i-1": "terminated"}), volume("available", None)),
+        JobState.CANCELLING,
+    ),
+    Row(
+        "cancelled with delete_volume, no final sync within the wait: volume kept",
+        RUNNING_1.model_copy(
+            update={
+                "cancel_requested_at": NOW - CANCEL_VOLUME_WAIT_SECONDS,
+                "delete_volume_on_cancel": True,
+                "results_uri": "s3://bucket/jobs/j",
+                "data_synced_at": NOW - 10,
+            }
+        ),
+        Observed(instances(**{"i-1": "terminated"}), volume("available", None)),
+        JobState.CANCELLED,
+    ),
+    Row(
+        "cancelled with delete_volume, no S3 copy at all: volume kept at once",
+        RUNNING_1.model_copy(
+            update={
+                "cancel_requested_at": NOW,
+                "delete_volume_on_cancel": True,
+                "final_sync_attempt": 1,
+            }
+        ),
         Observed(instances(**{"i-1": "terminated"}), volume("available", None)),
         JobState.CANCELLED,
     ),
@@ -725,7 +772,7 @@ def test_a_move_records_why_and_the_launch_after_it_says_so() -> None:
     )
     decision = decide(done, seen, NOW)
     assert decision.job.volume == Volume(
-        volume_id=NEW_VOLUME, az=ELSEWHERE, created_by_spotctl=True
+        volume_id=NEW_VOLUME, az=ELSEWHERE, created_by_spotctl=True, created_at=NOW
     )
     assert decision.job.kept_after_moves == (VOLUME.volume_id, SNAPSHOT)
     assert decision.job.attempts[-1].reason.startswith(MOVE.reason)

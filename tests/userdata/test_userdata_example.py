@@ -102,6 +102,8 @@ def test_interrupted_on_one_instance_and_finished_on_a_fresh_volume_elsewhere(
     assert second.run(second.params(command, attempt=2, volume_id="vol-0bbbbbbbbbbbbbbbb")) == 0
     assert "resumed from step" in (second.root / "log" / "workload.log").read_text()
     exited = [r["body"] for r in world.api.reports if r["body"]["kind"] == "exited"]
-    assert exited == [{"attempt": 2, "kind": "exited", "exit_code": 0, "detail": "sync ok"}]
+    assert exited == [
+        {"attempt": 2, "kind": "exited", "exit_code": 0, "detail": "sync ok", "synced": True}
+    ]
     assert final_hash(second.mount / "checkpoints") == uninterrupted
     assert final_hash(in_s3) == uninterrupted

@@ -573,7 +573,9 @@ def test_a_shell_wrapper_dying_on_sigterm_is_not_taken_for_the_workload_s_end(
     saved_at = float((box.mount / "saved-at").read_text())
     assert s3_uploads(box)[0]["t"] > saved_at
     assert (box.s3 / "bucket/jobs/job-42/checkpoints/last.ckpt").read_text() == "state at sigterm"
-    assert "sync ok" in str(reports(box, "interrupted")[0]["body"]["detail"])
+    (told,) = reports(box, "interrupted")
+    assert "sync ok" in str(told["body"]["detail"])
+    assert told["body"]["synced"] is True  # what lets a cancel delete the volume
     assert box.calls("shutdown")[0]["t"] > saved_at
 
 
@@ -718,6 +720,7 @@ def test_an_agent_error_during_an_interruption_is_told_as_the_interruption(
     assert synced.read_text() == "state at sigterm"  # the sync tried again after it
     assert reports(box, "exited") == []
     (told,) = reports(box, "interrupted")
+    assert told["body"]["synced"] is True
     assert "agent failed: MemoryError" in told["body"]["detail"]
     assert '"action": "terminate"' in told["body"]["detail"]
     assert len(box.calls("shutdown")) == 1
@@ -748,7 +751,7 @@ def test_the_last_sync_is_retried_until_s3_takes_it(box: Instance) -> None:
     assert box.run(box.params(writer)) == 0
     assert (box.s3 / "bucket/jobs/job-42/checkpoints/final-model.pt").read_text() == "weights"
     assert [r["body"] for r in reports(box, "exited")] == [
-        {"attempt": 1, "kind": "exited", "exit_code": 0, "detail": "sync ok"}
+        {"attempt": 1, "kind": "exited", "exit_code": 0, "detail": "sync ok", "synced": True}
     ]
 
 
@@ -805,3 +808,12 @@ def test_a_restore_takes_s3_s_newer_checkpoint_of_the_same_size(box: Instance) -
     resumer = python_workload(box, "resumer", RESUMER)
     assert box.run(box.params(resumer, attempt=3)) == 0, box.agent_log()
     assert (box.mount / "resumed-from").read_text() == "900"
+
+
+def test_without_an_s3_prefix_a_last_report_claims_no_sync(box: Instance) -> None:
+    # Nothing is copied anywhere: "synced" would let a cancel delete the only copy.
+    done = python_workload(box, "done", "raise SystemExit(0)")
+    assert box.run(box.params(done, s3_prefix=None)) == 0
+    (exited,) = reports(box, "exited")
+    assert "synced" not in exited["body"]
+    assert exited["body"]["exit_code"] == 0
