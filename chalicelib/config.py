@@ -29,6 +29,20 @@ def _mapping(value: str) -> dict[str, str]:
     return {key.strip(): val.strip() for key, val in pairs}
 
 
+# The stage's default AMI (.chalice/config.json): AWS's Deep Learning Base OSS Nvidia
+# Driver GPU AMI (Amazon Linux 2023). Its NVIDIA driver (595 in its 2026 releases)
+# drives none of these families' GPUs: the AMI's release notes list as supported only
+# G4dn, G5, G6, Gr6, G6e, G7e, P4d, P4de, P5, P5e, P5en, P6-B200 and P6-B300 (release
+# 20260519). P3 (V100), P3dn and G3 are listed by the Amazon Linux 2 proprietary-driver
+# DLAMI instead, P2 by none, and G4ad's GPU is AMD's. Non-GPU families are not listed:
+# they run on it, without a GPU to drive.
+DEFAULT_AMI_PARAMETER = (
+    "/aws/service/deeplearning/ami/x86_64/"
+    "base-oss-nvidia-driver-gpu-amazon-linux-2023/latest/ami-id"
+)
+UNSUPPORTED_BY_AMI = {DEFAULT_AMI_PARAMETER: frozenset({"p2", "p3", "p3dn", "g3", "g3s", "g4ad"})}
+
+
 @dataclass(frozen=True)
 class Config:
     table_name: str
@@ -45,6 +59,15 @@ class Config:
     stage: str = "dev"
     auth: AuthMode = "token"
     api_token: str = ""  # the sandbox's bearer token for the user routes (auth "token")
+
+    @property
+    def families_without_gpu_driver(self) -> frozenset[str]:
+        """Instance families whose GPU the stage's AMI cannot drive, where it is known:
+        only for a known AMI parameter (an AMI id or another parameter is the
+        operator's choice, and theirs to know)."""
+        if self.ami_id:
+            return frozenset()
+        return UNSUPPORTED_BY_AMI.get(self.ami_parameter, frozenset())
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Config:

@@ -121,6 +121,7 @@ def build(config: Config) -> ControlPlane:
         time.time,
         region=config.region,
         bucket=config.bucket,
+        families_without_gpu_driver=config.families_without_gpu_driver,
     )
     plane = ControlPlane(config, store, reconciler, service)
     return plane

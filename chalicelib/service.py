@@ -262,6 +262,8 @@ class JobService:
     new_id: Callable[[], str] = new_job_id
     region: str | None = None  # the deployment's: a job's zones must be in it
     bucket: str | None = None  # the deployment's, for jobs that name no results_s3_uri
+    # Instance families whose GPU the stage's AMI has no driver for (Config).
+    families_without_gpu_driver: frozenset[str] = frozenset()
 
     def submit(self, body: Any) -> Job:
         spec = parse_model(JobSpec, body)
@@ -271,6 +273,7 @@ class JobService:
         now = self.clock()
         _check_deadline(spec, now)
         self._check_zones(spec)
+        self._check_instance_types(spec)
         self._check_data_source(spec)
         job_id = self.new_id()
         job = Job(
@@ -369,6 +372,20 @@ class JobService:
                 f"client_token: job {job.job_id} was submitted with it, with another spec"
             )
         return job
+
+    def _check_instance_types(self, spec: JobSpec) -> None:
+        """Refuse a type whose GPU the stage's AMI cannot drive: the instance would
+        start, bill and run the workload with no GPU."""
+        refused = [
+            t for t in spec.instance_types if t.split(".")[0] in self.families_without_gpu_driver
+        ]
+        if refused:
+            raise InvalidJobSpec(
+                f"instance_types: {', '.join(refused)}: this stage's AMI (AWS's Deep "
+                "Learning Base OSS Nvidia Driver GPU AMI, Amazon Linux 2023) has no NVIDIA "
+                "driver for its GPU; choose g4dn, g5, g6, p4d or newer, or give the stage "
+                "an AMI that has one (SPOTCTL_AMI_ID or SPOTCTL_AMI_PARAMETER)"
+            )
 
     def _check_zones(self, spec: JobSpec) -> None:
         if self.region is None:

@@ -16,6 +16,7 @@ from openapi_spec_validator import validate
 
 from chalicelib import runtime
 from chalicelib.agent_auth import derive_secret
+from chalicelib.config import DEFAULT_AMI_PARAMETER
 from chalicelib.openapi import document
 from tests.functional.conftest import SIGNING_KEY, TABLE, Env
 
@@ -520,6 +521,23 @@ def test_a_deployment_without_its_api_url_refuses_submissions_as_its_own_fault(
     table = boto3.client("dynamodb", region_name="us-east-1").scan(TableName=TABLE)
     assert table["Items"] == []
     assert env.cloud.volumes() == []
+
+
+def test_a_type_whose_gpu_the_stage_s_ami_cannot_drive_is_refused(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default AMI's driver has no V100 (p3): such an instance would bill, GPU-less."""
+    plane = runtime.control_plane()
+    stage = dataclasses.replace(plane.config, ami_id="", ami_parameter=DEFAULT_AMI_PARAMETER)
+    unsupported = stage.families_without_gpu_driver
+    monkeypatch.setattr(plane.service, "families_without_gpu_driver", unsupported)
+    body = {**VALID, "instance_types": ["g5.xlarge", "p3.2xlarge"]}
+    response = post_raw(env, json.dumps(body))
+    assert response.status_code == 400, response.body
+    message = json.loads(response.body)["Message"]
+    assert message.startswith("instance_types: p3.2xlarge: this stage's AMI")
+    assert json.loads(env.client.http.get("/jobs").body)["jobs"] == []
+    assert post_raw(env, json.dumps({**VALID, "instance_types": ["g5.xlarge"]})).status_code == 201
 
 
 class LambdaContext:
