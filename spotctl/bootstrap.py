@@ -2,7 +2,8 @@
 
 For one stage: the jobs table (on-demand, point-in-time recovery, time to live), the
 results bucket (encrypted, private, TLS only, versioned), the instance role and profile
-(the job prefixes of that bucket, nothing else), the dead-letter queue for EventBridge
+(the job prefixes of that bucket, and pulling images from this account's ECR
+repositories in the stage's region; nothing else), the dead-letter queue for EventBridge
 deliveries, the interruption-warnings queue (with its own dead-letter queue) and the
 rule that fills it, the signing key (an SSM SecureString, created once and never
 replaced), and the EC2 Spot service-linked role. The queue, its DLQ, the rule and the
@@ -10,8 +11,9 @@ queue policy are those of ``infra/resources.yaml``; ``on_interruption_warning_ba
 reads the queue, and `chalice deploy` can map it only once it exists. It then writes the
 bucket's name into ``.chalice/config.json`` for the stage. Run again after the first
 `chalice deploy`, it also records the API's URL there (the instances report to it; a
-redeploy passes it to the functions) and points the EventBridge rules Chalice made at
-the dead-letter queue.
+redeploy passes it to the functions), points the targets of the EventBridge rules
+Chalice made at the dead-letter queue and bounds their retries as the template does.
+Every `chalice deploy` drops both from its targets, so run it after each one.
 
 Every step reads first and writes only what differs, so a second run changes
 nothing. The names are the ones ``.chalice/config.json`` and the stage's IAM policy
@@ -50,6 +52,18 @@ WARNINGS_MAX_RECEIVES = 3
 # The rule's target, as InterruptionWarningsToQueue's: the warning's two minutes.
 WARNINGS_TARGET_ID = "interruption-warnings-queue"
 WARNINGS_RETRY_POLICY = {"MaximumEventAgeInSeconds": 120, "MaximumRetryAttempts": 10}
+# The retry policy of the target of each rule `chalice deploy` makes, by handler name:
+# how long its signal is worth delivering, as infra/resources.yaml gives it to that
+# handler's event (a moto test compares them). Chalice sets none, and EventBridge's
+# default is 24 hours and 185 attempts; past either bound of a policy, an event goes to
+# the dead-letter queue
+# (https://docs.aws.amazon.com/eventbridge/latest/userguide/eb-rule-retry-policy.html).
+CHALICE_RULE_RETRY_POLICIES = {
+    "on_interruption_warning": {"MaximumEventAgeInSeconds": 120, "MaximumRetryAttempts": 10},
+    "on_rebalance_recommendation": {"MaximumEventAgeInSeconds": 600, "MaximumRetryAttempts": 10},
+    "on_instance_state_change": {"MaximumEventAgeInSeconds": 3600, "MaximumRetryAttempts": 20},
+    "sweep": {"MaximumEventAgeInSeconds": 60, "MaximumRetryAttempts": 2},  # next one in 60 s
+}
 WARNINGS_RULE_DESCRIPTION = "spot interruption warnings to the batch recovery queue"
 _MISSING = {
     "NoSuchEntity",
@@ -144,13 +158,20 @@ class Names:
 
     @property
     def rule_prefix(self) -> str:
-        # `chalice deploy` names rules <app>-<stage>-<handler>; a CloudFormation stack
-        # named spotctl-<stage> gives its rules the same prefix.
+        # `chalice deploy` names rules <app>-<stage>-<handler>-event; a CloudFormation
+        # stack named spotctl-<stage> gives its rules the same prefix.
         return f"spotctl-{self.stage}-"
 
+    def chalice_rule(self, handler: str) -> str:
+        """The rule `chalice deploy` makes for ``handler`` (chalice/deploy/appgraph.py)."""
+        return f"{self.rule_prefix}{handler}-event"
 
-def instance_policy(bucket: str) -> dict[str, Any]:
-    """What the agent needs: `aws s3 sync` of its job's prefix (same as the template)."""
+
+def instance_policy(names: Names) -> dict[str, Any]:
+    """What the agent needs (the same document as the template's, a moto test checks):
+    `aws s3 sync` of its job's prefix, and `docker pull` of a job's image from this
+    account's ECR repositories in the stage's region."""
+    bucket = names.bucket
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -166,6 +187,28 @@ def instance_policy(bucket: str) -> dict[str, Any]:
                 "Effect": "Allow",
                 "Action": ["s3:GetObject", "s3:PutObject"],
                 "Resource": f"arn:aws:s3:::{bucket}/jobs/*",
+            },
+            # `aws ecr get-login-password` (user_data/agent.py). The action has no
+            # resource type, so only "*" grants it; the token lets docker do no more
+            # than the statement below allows.
+            # https://docs.aws.amazon.com/service-authorization/latest/reference/list_amazonelasticcontainerregistry.html
+            {
+                "Sid": "LogInToEcr",
+                "Effect": "Allow",
+                "Action": "ecr:GetAuthorizationToken",
+                "Resource": "*",
+            },
+            # `docker pull`: read only. Another account's repository would also need its
+            # own repository policy to allow this role, and is not granted here.
+            {
+                "Sid": "PullThisAccountsImages",
+                "Effect": "Allow",
+                "Action": [
+                    "ecr:BatchCheckLayerAvailability",
+                    "ecr:BatchGetImage",
+                    "ecr:GetDownloadUrlForLayer",
+                ],
+                "Resource": f"arn:aws:ecr:{names.region}:{names.account}:repository/*",
             },
         ],
     }
@@ -280,7 +323,7 @@ class Bootstrap:
         queue_arn = self.ensure_dead_letter_queue()
         self.ensure_interruption_warnings(queue_arn)
         self.ensure_signing_key()
-        self.ensure_rule_dead_letters(queue_arn)
+        self.ensure_rule_targets(queue_arn)
         self.ensure_stage_config()
         return self.changes
 
@@ -373,10 +416,13 @@ class Bootstrap:
             iam.create_role(
                 RoleName=name,
                 AssumeRolePolicyDocument=_json(_EC2_TRUST),
-                Description="what the agent on a spotctl instance may do (sync its job's files)",
+                Description=(
+                    "what the agent on a spotctl instance may do"
+                    " (sync its job's files, pull its image)"
+                ),
             )
             self._changed(f"created role {name}")
-        wanted = instance_policy(self.names.bucket)
+        wanted = instance_policy(self.names)
         try:
             document = iam.get_role_policy(RoleName=name, PolicyName="job-files")["PolicyDocument"]
         except ClientError as exc:
@@ -516,21 +562,34 @@ class Bootstrap:
         events.delete_rule(Name=rule)
         self._changed(f"removed rule {rule}: warnings go to the per-job handler only")
 
-    def ensure_rule_dead_letters(self, queue_arn: str) -> None:
-        """Rules `chalice deploy` made (none before the first deploy) get the queue."""
+    def ensure_rule_targets(self, queue_arn: str) -> None:
+        """Every target of this stage's rules sends failed deliveries to the queue, and the
+        targets of the rules `chalice deploy` made (none before the first deploy) retry
+        only as long as the template's. Chalice has no setting for either, and every
+        `chalice deploy` puts each of its targets again with only an id and the function
+        (chalice/awsclient.py's connect_rule_to_lambda), which drops both: so this must
+        run after every `chalice deploy`."""
+        retries = {self.names.chalice_rule(h): p for h, p in CHALICE_RULE_RETRY_POLICIES.items()}
+        retries[self.names.warnings_rule] = WARNINGS_RETRY_POLICY
         events = self.client("events")
         paginator = events.get_paginator("list_rules")
         for page in paginator.paginate(NamePrefix=self.names.rule_prefix):
             for rule in page.get("Rules", []):
-                targets = events.list_targets_by_rule(Rule=rule["Name"])["Targets"]
-                stale = [
-                    t for t in targets if t.get("DeadLetterConfig", {}).get("Arn") != queue_arn
-                ]
-                if stale:
-                    for target in stale:
-                        target["DeadLetterConfig"] = {"Arn": queue_arn}
-                    events.put_targets(Rule=rule["Name"], Targets=stale)
-                    self._changed(f"sent failed deliveries of rule {rule['Name']} to the queue")
+                name = rule["Name"]
+                wanted: dict[str, Any] = {"DeadLetterConfig": {"Arn": queue_arn}}
+                # A rule of the prefix that bootstrap did not name (a path B stack's,
+                # spotctl-<stage>-<logical id>-<suffix>) keeps the retries it was given.
+                if name in retries:
+                    wanted["RetryPolicy"] = retries[name]
+                targets = events.list_targets_by_rule(Rule=name)["Targets"]
+                stale = [t for t in targets if any(t.get(k) != v for k, v in wanted.items())]
+                if not stale:
+                    continue
+                events.put_targets(Rule=name, Targets=[{**t, **wanted} for t in stale])
+                if "RetryPolicy" in wanted:
+                    self._changed(f"set the dead-letter queue and retry policy of rule {name}")
+                else:
+                    self._changed(f"sent failed deliveries of rule {name} to the queue")
 
     # -- SSM -------------------------------------------------------------------------
 

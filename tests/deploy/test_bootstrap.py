@@ -7,7 +7,8 @@ import json
 import re
 import shutil
 from collections.abc import Iterator
-from fnmatch import fnmatch
+from dataclasses import dataclass
+from fnmatch import fnmatch, fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,13 @@ from tests.deploy.cfn import load_cfn
 
 ROOT = Path(__file__).resolve().parents[2]
 READ_PREFIXES = ("Get", "Describe", "Head", "List")
+# What `docker pull` of a private ECR image needs, after `aws ecr get-login-password`
+# (ecr:GetAuthorizationToken) has logged docker in (user_data/agent.py's start).
+ECR_PULL_ACTIONS = (
+    "ecr:BatchCheckLayerAvailability",
+    "ecr:BatchGetImage",
+    "ecr:GetDownloadUrlForLayer",
+)
 
 
 @pytest.fixture
@@ -98,6 +106,8 @@ def test_what_bootstrap_creates_is_what_the_control_plane_expects(session, confi
     assert [(s["Action"], s["Resource"]) for s in statements] == [
         ("s3:ListBucket", f"arn:aws:s3:::{stage.bucket}"),
         (["s3:GetObject", "s3:PutObject"], f"arn:aws:s3:::{stage.bucket}/jobs/*"),
+        ("ecr:GetAuthorizationToken", "*"),
+        (list(ECR_PULL_ACTIONS), f"arn:aws:ecr:us-east-1:{stage.account}:repository/*"),
     ]
 
     parameter = session.client("ssm").get_parameter(
@@ -111,6 +121,61 @@ def test_what_bootstrap_creates_is_what_the_control_plane_expects(session, confi
     assert written["SPOTCTL_TABLE"] == "spotctl-dev-jobs"
     assert written["SPOTCTL_INSTANCE_PROFILE"] == "spotctl-dev-instance"
     assert written["SPOTCTL_SIGNING_KEY_PARAMETER"] == "/spotctl/dev/signing-key"
+
+
+def allows(document: dict[str, Any], action: str, resource: str) -> bool:
+    """Whether a statement of ``document`` allows ``action`` on ``resource`` without a
+    condition (IAM's wildcards; actions compare without case, as IAM does)."""
+
+    def listed(value: str | list[str]) -> list[str]:
+        return [value] if isinstance(value, str) else value
+
+    return any(
+        statement["Effect"] == "Allow"
+        and "Condition" not in statement
+        and any(fnmatchcase(action.lower(), a.lower()) for a in listed(statement["Action"]))
+        and any(fnmatchcase(resource, r) for r in listed(statement["Resource"]))
+        for statement in document["Statement"]
+    )
+
+
+def instance_role_policy(session: boto3.session.Session) -> dict[str, Any]:
+    iam = session.client("iam")
+    found = iam.get_role_policy(RoleName="spotctl-dev-instance", PolicyName="job-files")
+    document = found["PolicyDocument"]  # boto3 parses it; its stubs also allow the text
+    parsed: dict[str, Any] = json.loads(document) if isinstance(document, str) else dict(document)
+    return parsed
+
+
+def test_the_instance_role_may_pull_images_from_this_accounts_ecr(session, config) -> None:
+    """The agent logs docker in to ECR with the instance role, then pulls the job's image."""
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    document = instance_role_policy(session)
+
+    # GetAuthorizationToken has no resource type: only "*" grants it.
+    assert allows(document, "ecr:GetAuthorizationToken", "*")
+    repository = f"arn:aws:ecr:us-east-1:{stage.account}:repository/team/trainer"
+    for action in ECR_PULL_ACTIONS:
+        assert allows(document, action, repository), action
+        # Another account's repositories are not granted (docs/workload-contract.md).
+        assert not allows(document, action, "arn:aws:ecr:us-east-1:999999999999:repository/x")
+    # Pull only: the instance may not push or change the images jobs run.
+    for action in ("ecr:PutImage", "ecr:InitiateLayerUpload", "ecr:BatchDeleteImage"):
+        assert not allows(document, action, repository), action
+
+
+def test_the_instance_role_policy_is_the_templates(session, config) -> None:
+    """Path A and path B give instances the same rights (and bootstrap, run beside a
+    path B stack, finds the role's policy as it wants it)."""
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    role = template_resources()["InstanceRole"]["Properties"]
+    (policy,) = role["Policies"]
+    assert policy["PolicyName"] == "job-files"
+    arns = {"ResultsBucket": f"arn:aws:s3:::{stage.bucket}"}
+    wanted = resolve(policy["PolicyDocument"], "dev", arns, stage.account)
+    assert instance_role_policy(session) == wanted
 
 
 def test_the_signing_key_is_never_replaced(session, config) -> None:
@@ -128,9 +193,9 @@ def test_after_chalice_deploy_rules_get_the_queue_and_config_gets_the_api_url_on
 ) -> None:
     stage = names(session)
     Bootstrap(session, stage, config).run()
-    # What `chalice deploy` leaves: a rule named <app>-<stage>-<handler>, no DLQ.
+    # What `chalice deploy` leaves: a rule named <app>-<stage>-<handler>-event, no DLQ.
     events = session.client("events")
-    rule = "spotctl-dev-on_interruption_warning"
+    rule = "spotctl-dev-on_interruption_warning-event"
     events.put_rule(Name=rule, EventPattern=json.dumps({"source": ["aws.ec2"]}))
     arn = f"arn:aws:lambda:us-east-1:{stage.account}:function:spotctl-dev-on_interruption_warning"
     events.put_targets(Rule=rule, Targets=[{"Id": "1", "Arn": arn}])
@@ -143,7 +208,7 @@ def test_after_chalice_deploy_rules_get_the_queue_and_config_gets_the_api_url_on
 
     changes = Bootstrap(session, stage, config).run()
     assert changes == [
-        f"sent failed deliveries of rule {rule} to the queue",
+        f"set the dead-letter queue and retry policy of rule {rule}",
         f"set SPOTCTL_API_URL={url.rstrip('/')} in {config}",
     ]
     written = json.loads(config.read_text())["stages"]["dev"]["environment_variables"]
@@ -173,18 +238,24 @@ def template_resources() -> dict[str, Any]:
     return resources
 
 
-def resolve(value: Any, stage: str, arns: dict[str, str]) -> Any:
-    """The template's value with the stage substituted and each GetAtt .Arn looked up."""
+def resolve(value: Any, stage: str, arns: dict[str, str], account: str | None = None) -> Any:
+    """The template's value with each GetAtt .Arn looked up and each Fn::Sub filled in:
+    ``${Stage}``, ``${Logical.Arn}``, the partition and region of the moto session, and
+    ``${AWS::AccountId}`` when ``account`` is given. A variable it cannot fill fails."""
     if isinstance(value, dict):
         if set(value) == {"Fn::GetAtt"}:
             logical, attribute = value["Fn::GetAtt"]
             assert attribute == "Arn"
             return arns[logical]
         if set(value) == {"Fn::Sub"}:
-            return value["Fn::Sub"].replace("${Stage}", stage)
-        return {k: resolve(v, stage, arns) for k, v in value.items()}
+            variables = {"Stage": stage, "AWS::Partition": "aws", "AWS::Region": "us-east-1"}
+            variables |= {f"{logical}.Arn": arn for logical, arn in arns.items()}
+            if account is not None:
+                variables["AWS::AccountId"] = account
+            return re.sub(r"\$\{([^}]+)\}", lambda m: variables[m[1]], value["Fn::Sub"])
+        return {k: resolve(v, stage, arns, account) for k, v in value.items()}
     if isinstance(value, list):
-        return [resolve(v, stage, arns) for v in value]
+        return [resolve(v, stage, arns, account) for v in value]
     return value
 
 
@@ -257,7 +328,7 @@ def test_the_warnings_rule_has_the_handlers_pattern_and_may_use_the_stages_dlq(
     # One pattern for app.py's handler, the template's rule and bootstrap's.
     assert json.loads(rule["EventPattern"]) == ec2_events.INTERRUPTION_WARNING_PATTERN
     # In the stage's rule prefix: the events DLQ takes its failed deliveries, and
-    # ensure_rule_dead_letters finds its target already pointing there.
+    # ensure_rule_targets finds its target already pointing there.
     assert stage.warnings_rule.startswith(stage.rule_prefix)
     sqs = session.client("sqs")
     url = sqs.get_queue_url(QueueName=stage.queue)["QueueUrl"]
@@ -327,6 +398,157 @@ def test_a_table_made_before_time_to_live_gets_it(session, config) -> None:
     assert f"enabled time to live on {TTL_ATTRIBUTE} of {stage.table}" in changes
     ttl = dynamodb.describe_time_to_live(TableName=stage.table)["TimeToLiveDescription"]
     assert (ttl["TimeToLiveStatus"], ttl["AttributeName"]) == ("ENABLED", TTL_ATTRIBUTE)
+
+
+# -- the targets of the rules `chalice deploy` makes, as infra/resources.yaml has them ------
+
+
+@dataclass(frozen=True)
+class ChaliceRule:
+    name: str  # the rule `chalice deploy` puts
+    function: str  # the deployed function's name
+    sam_function: str  # the function's logical id in `chalice package`'s template
+    sam_event: str  # its event's key there (what infra/resources.yaml patches)
+    schedule: str | None
+    pattern: str | None
+
+
+def chalice_rules(stage: str) -> list[ChaliceRule]:
+    """app.py's EventBridge rules, named by Chalice's own code: the application graph that
+    `chalice deploy` plans from (chalice/deploy/appgraph.py), and the logical ids that
+    `chalice package` gives the same resources (chalice/package.py)."""
+    from chalice.config import Config
+    from chalice.deploy import models
+    from chalice.deploy.appgraph import ApplicationGraphBuilder, DependencyBuilder
+    from chalice.utils import to_cfn_resource_name
+
+    from app import app
+
+    on_disk = json.loads((ROOT / ".chalice" / "config.json").read_text())
+    config = Config.create(  # as chalice/cli/factory.py makes it
+        chalice_stage=stage,
+        app_name=on_disk["app_name"],
+        project_dir=str(ROOT),
+        chalice_app=app,
+        config_from_disk=on_disk,
+    )
+    graph = ApplicationGraphBuilder().build(config, stage)
+    return [
+        ChaliceRule(
+            name=resource.rule_name,
+            function=resource.lambda_function.function_name,
+            sam_function=to_cfn_resource_name(resource.lambda_function.resource_name),
+            sam_event=to_cfn_resource_name(resource.resource_name),
+            schedule=getattr(resource, "schedule_expression", None),
+            pattern=getattr(resource, "event_pattern", None),
+        )
+        for resource in DependencyBuilder().build_dependencies(graph)
+        if isinstance(resource, models.CloudWatchEventBase)
+    ]
+
+
+def chalice_deploys_its_rules(account: str) -> None:
+    """What every `chalice deploy` does to each rule, through Chalice's own client: put_rule,
+    then put_targets with only an id and the function (chalice/awsclient.py)."""
+    import botocore.session
+    from chalice.awsclient import TypedAWSClient
+
+    botocore_session = botocore.session.get_session()
+    botocore_session.set_config_variable("region", "us-east-1")
+    client = TypedAWSClient(botocore_session)
+    for rule in chalice_rules("dev"):
+        client.get_or_create_rule_arn(
+            rule.name, schedule_expression=rule.schedule, event_pattern=rule.pattern
+        )
+        function_arn = f"arn:aws:lambda:us-east-1:{account}:function:{rule.function}"
+        client.connect_rule_to_lambda(rule.name, function_arn)
+
+
+def template_retry_policies(stage: Names) -> dict[str, dict[str, int]]:
+    """The RetryPolicy infra/resources.yaml gives the target of each rule, by rule name."""
+    resources = template_resources()
+    wanted = {
+        rule.name: resources[rule.sam_function]["Properties"]["Events"][rule.sam_event][
+            "Properties"
+        ]["RetryPolicy"]
+        for rule in chalice_rules("dev")
+    }
+    (target,) = resources["InterruptionWarningsToQueue"]["Properties"]["Targets"]
+    wanted[stage.warnings_rule] = target["RetryPolicy"]
+    return wanted
+
+
+def assert_every_target_is_the_templates(session: boto3.session.Session, stage: Names) -> None:
+    sqs = session.client("sqs")
+    url = sqs.get_queue_url(QueueName=stage.queue)["QueueUrl"]
+    dlq = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]
+    events = session.client("events")
+    wanted = template_retry_policies(stage)
+    rules = [r["Name"] for r in events.list_rules(NamePrefix=stage.rule_prefix)["Rules"]]
+    assert sorted(rules) == sorted(wanted)
+    for rule in rules:
+        targets = events.list_targets_by_rule(Rule=rule)["Targets"]
+        assert targets, rule
+        for target in targets:
+            assert target.get("DeadLetterConfig") == {"Arn": dlq["QueueArn"]}, rule
+            assert target.get("RetryPolicy") == wanted[rule], rule
+
+
+def test_after_bootstrap_every_rule_target_has_the_templates_dlq_and_retries(
+    session, config
+) -> None:
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    chalice_deploys_its_rules(stage.account)
+    Bootstrap(session, stage, config).run()
+    assert_every_target_is_the_templates(session, stage)
+
+
+def test_each_chalice_deploy_drops_them_and_the_bootstrap_after_it_puts_them_back(
+    session, config
+) -> None:
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    chalice_deploys_its_rules(stage.account)
+    Bootstrap(session, stage, config).run()
+
+    # A redeploy (the one that passes the API URL, or any later code change)...
+    chalice_deploys_its_rules(stage.account)
+    events = session.client("events")
+    rules = sorted(rule.name for rule in chalice_rules("dev"))
+    for rule in rules:
+        (target,) = events.list_targets_by_rule(Rule=rule)["Targets"]
+        assert "DeadLetterConfig" not in target and "RetryPolicy" not in target, rule
+
+    # ...is why docs/deploy.md runs bootstrap after every `chalice deploy`.
+    changes = Bootstrap(session, stage, config).run()
+    assert sorted(changes) == [
+        f"set the dead-letter queue and retry policy of rule {rule}" for rule in rules
+    ]
+    assert_every_target_is_the_templates(session, stage)
+    assert Bootstrap(session, stage, config).run() == []
+
+
+def test_a_rule_bootstrap_does_not_know_gets_the_queue_and_keeps_its_retries(
+    session, config
+) -> None:
+    """Such as a path B stack's rule (spotctl-<stage>-<logical id>-<suffix>), whose
+    retries the template set."""
+    stage = names(session)
+    Bootstrap(session, stage, config).run()
+    events = session.client("events")
+    rule = f"{stage.rule_prefix}OnInstanceStateChangeOnInsta-1A2B3C4D5E6F"
+    events.put_rule(Name=rule, EventPattern=json.dumps({"source": ["aws.ec2"]}))
+    retries = {"MaximumEventAgeInSeconds": 3600, "MaximumRetryAttempts": 20}
+    arn = f"arn:aws:lambda:us-east-1:{stage.account}:function:f"
+    events.put_targets(Rule=rule, Targets=[{"Id": "1", "Arn": arn, "RetryPolicy": retries}])
+
+    assert Bootstrap(session, stage, config).run() == [
+        f"sent failed deliveries of rule {rule} to the queue"
+    ]
+    (target,) = events.list_targets_by_rule(Rule=rule)["Targets"]
+    assert target["DeadLetterConfig"]["Arn"].endswith(f":{stage.queue}")
+    assert target["RetryPolicy"] == retries
 
 
 # -- docs/deploy.md lists exactly the IAM actions bootstrap's calls need --------------------

@@ -148,19 +148,33 @@ def test_the_bucket_is_encrypted_private_and_kept(template) -> None:
         assert variables["SPOTCTL_BUCKET"] == {"Ref": "ResultsBucket"}
 
 
-def test_the_instance_role_reaches_only_the_job_prefixes_of_the_bucket(template) -> None:
+def test_the_instance_role_reaches_the_job_prefixes_and_pulls_this_accounts_images(
+    template,
+) -> None:
     role = template["Resources"]["InstanceRole"]["Properties"]
     (policy,) = role["Policies"]
+    statements = policy["PolicyDocument"]["Statement"]
     actions = {
         (s["Sid"], a)
-        for s in policy["PolicyDocument"]["Statement"]
+        for s in statements
         for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])
     }
     assert actions == {
         ("ListJobPrefixes", "s3:ListBucket"),
         ("ReadWriteJobFiles", "s3:GetObject"),
         ("ReadWriteJobFiles", "s3:PutObject"),
+        # user_data/agent.py: `aws ecr get-login-password`, then `docker pull`.
+        ("LogInToEcr", "ecr:GetAuthorizationToken"),
+        ("PullThisAccountsImages", "ecr:BatchCheckLayerAvailability"),
+        ("PullThisAccountsImages", "ecr:BatchGetImage"),
+        ("PullThisAccountsImages", "ecr:GetDownloadUrlForLayer"),
     }
+    resources = {s["Sid"]: s["Resource"] for s in statements}
+    assert resources["PullThisAccountsImages"] == {
+        "Fn::Sub": "arn:${AWS::Partition}:ecr:${AWS::Region}:${AWS::AccountId}:repository/*"
+    }
+    # The one "*" is GetAuthorizationToken's, which has no resource type.
+    assert [s["Sid"] for s in statements if s["Resource"] == "*"] == ["LogInToEcr"]
     profile = template["Resources"]["InstanceProfile"]["Properties"]
     assert profile["InstanceProfileName"] == {"Fn::Sub": "spotctl-${Stage}-instance"}
     assert role["RoleName"] == profile["InstanceProfileName"]
