@@ -310,9 +310,13 @@ class World:
         if notice.kind == Lifecycle.TERMINATED:
             agent = self.agents.pop(info.instance_id, None)
             if agent is not None and not agent.stopped:
-                self.max_step[agent.job_id] = max(
-                    self.max_step[agent.job_id], self._progress(agent, now)
-                )
+                progress = self._progress(agent, now)
+                self.max_step[agent.job_id] = max(self.max_step[agent.job_id], progress)
+                if notice.reason == "terminated-by-user" and not agent.exited:
+                    # TerminateInstances (a cancel, say) shuts the OS down: the agent's
+                    # SIGTERM path checkpoints, syncs and tells it, as at a notice.
+                    self._checkpoint(agent, progress)
+                    self._tell_interrupted(agent)
             return
         if notice.kind == Lifecycle.VOLUME_DETACHED and notice.volume_id:
             self.attached[notice.volume_id].discard(info.instance_id)
@@ -392,6 +396,7 @@ class World:
             if notice is not None and not deaf:
                 self._checkpoint(agent, progress)  # the SIGTERM checkpoint within the notice
                 agent.stopped = True
+                self._tell_interrupted(agent)
             elif self._crashes(agent, progress):
                 self.crashed.add(agent.job_id)
                 self._exit(agent, 1)  # no checkpoint: what it had saved is what is left
@@ -425,9 +430,16 @@ class World:
         """Report the workload's exit through the API, and shut the instance down."""
         agent.exited = True
         _, attempt = self._job_of(agent.instance_id)
-        body = {"attempt": attempt, "kind": "exited", "exit_code": code}
+        # What it saved is in S3 as on the volume (a checkpoint here is both): synced.
+        body = {"attempt": attempt, "kind": "exited", "exit_code": code, "synced": True}
         self.pending_reports.append((agent.job_id, attempt, body))
         self.ec2.terminate_instances(InstanceIds=[agent.instance_id])  # shutdown
+
+    def _tell_interrupted(self, agent: _Agent) -> None:
+        """The agent's last report after its stop: its final sync worked."""
+        _, attempt = self._job_of(agent.instance_id)
+        body = {"attempt": attempt, "kind": "interrupted", "detail": "sync ok", "synced": True}
+        self.pending_reports.append((agent.job_id, attempt, body))
 
     # the auditor ------------------------------------------------------------------------
 
@@ -489,7 +501,8 @@ class ChaosReport:
         "its volume is attached, checkpoint + S3 sync every checkpoint_steps, checkpoint on "
         "IMDS notice (misses it as often as a warning is dropped), checkpoints and shuts "
         "down on the IMDS leave tag (unless it missed notices), reports exited via the "
-        "API and shuts down; error_fraction of them exit 1 once half-way, unsaved"
+        "API and shuts down; after a notice or a TerminateInstances, reports interrupted "
+        "with its sync done; error_fraction of them exit 1 once half-way, unsaved"
     )
 
     @property
