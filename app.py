@@ -159,9 +159,9 @@ def _learn_api_url(request: Request) -> None:
         return
     context = request.context or {}
     domain, stage = str(context.get("domainName", "")), str(context.get("stage", ""))
-    if re.fullmatch(r"[a-z0-9]+\.execute-api\.[a-z0-9-]+\.amazonaws\.com(\.cn)?", domain) and (
-        re.fullmatch(r"[A-Za-z0-9_-]+", stage)
-    ):
+    api, region = str(context.get("apiId", "")), runtime.control_plane().config.region
+    own = rf"{re.escape(api)}\.execute-api\.{re.escape(region)}\.amazonaws\.com(\.cn)?"
+    if api and re.fullmatch(own, domain) and re.fullmatch(r"[A-Za-z0-9_-]+", stage):
         runtime.learn_api_url(f"https://{domain}/{stage}")
 
 

@@ -407,6 +407,7 @@ class World:
             elif not deaf and LEAVE_TAG in (self.cloud.metadata_tags(agent.instance_id) or {}):
                 self._checkpoint(agent, progress)  # asked to leave: stop, checkpoint, go
                 agent.stopped = True
+                self._tell_interrupted(agent)
                 self.ec2.terminate_instances(InstanceIds=[agent.instance_id])  # shutdown
             else:
                 done = progress - agent.resume_step

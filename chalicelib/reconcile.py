@@ -275,7 +275,11 @@ def decide(job: Job, observed: Observed, now: float, sweeping: bool = False) -> 
         return Decision(job, (*_creates_for(job, current), launch, *_terminate(terminate)))
 
     instance = observed.instance(current.instance_id)
-    if instance is None or instance.state == "pending":
+    if (
+        instance is None
+        or instance.state == "pending"
+        or _not_visible_yet(instance.state, current.requested_at, now)
+    ):
         return Decision(job, _terminate(terminate))
     if current.warned_at is not None:
         return _next_attempt(job, observed, now, terminate)
@@ -410,15 +414,27 @@ MAX_SILENT_SHUTDOWNS = 3
 
 
 def _silent_shutdowns(job: Job) -> int:
-    """How many of the job's last instances, in a row, shut down unexplained."""
+    """How many of the job's last instances that had its volume, in a row, shut down
+    unexplained. One the volume never reached is not counted (bootstrap gives up on
+    a volume that does not come, untold, so that a new instance may get it)."""
     count = 0
     for attempt in reversed(job.attempts):
-        if attempt.instance_id is None:
+        if attempt.instance_id is None or not _had_volume(job, attempt):
             continue
         if attempt.end_reason != ENDED_SHUT_DOWN:
             break
         count += 1
     return count
+
+
+def _had_volume(job: Job, attempt: Attempt) -> bool:
+    """Whether the job's volume was attached to the attempt's instance (its "running"
+    event; records from before it named the attempt name the instance)."""
+    attached = f" attached to {attempt.instance_id}"
+    return any(
+        e.kind == "running" and (e.attempt == attempt.number or e.detail.endswith(attached))
+        for e in job.timeline
+    )
 
 
 def _end_attempt(job: Job, attempt: Attempt, reason: str, now: float) -> Job:
@@ -466,10 +482,27 @@ def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> D
     orphans: tuple[Action, ...] = ()
     if pending_launch:
         orphans = (TerminateLaunched(tuple(a.number for a in pending_launch)),)
+    since = job.cancel_requested_at if job.cancel_requested_at is not None else now
+    drain = (
+        job.delete_volume_on_cancel
+        and now - since <= job.spec.checkpoint.grace_seconds + LEAVE_DRAIN_SECONDS
+    )
     if alive:
         if job.state != JobState.CANCELLING:
             job = job.model_copy(update={"state": JobState.CANCELLING})
-            job = job.with_event(now, "cancelling", f"terminating {', '.join(alive)}")
+            doing = "asking to drain" if drain else "terminating"
+            job = job.with_event(now, "cancelling", f"{doing} {', '.join(alive)}")
+        if drain:
+            # Deleting the volume needs the agent's word that its data is in S3. Asked to
+            # leave (the tag it watches), it stops the workload, syncs, says so and shuts
+            # down; a terminate's SIGTERM may reach it only once the OS has taken the
+            # network down. Past the drain's time, the instances are terminated.
+            asks = [
+                LeaveOnDemand(a.instance_id, a.number)
+                for a in job.attempts
+                if a.instance_id in alive and a.leave_asked_at is None
+            ]
+            return Decision(job, (*orphans, *asks, *_terminate(terminate)))
         return Decision(job, (*orphans, *_terminate(terminate, alive)))
     for attempt in job.attempts:
         if not attempt.ended:
@@ -480,7 +513,9 @@ def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> D
         return Decision(_cancelled(job, now), tuple(actions))
     why_kept, report_due = _why_volume_kept(job)
     free = observed.volume is not None and observed.volume.state == "available"
-    gone = observed.volume is None or observed.volume.gone
+    gone = observed.volume is None or (
+        observed.volume.gone and not _not_visible_yet(observed.volume.state, volume.created_at, now)
+    )
     if not gone and ((why_kept is None and not free) or report_due):
         # The instance is gone, but its volume may still be detaching, and the agent's
         # last report (its final sync) may still be on its way: wait for both, a while.
@@ -890,7 +925,9 @@ def apply_launch_failed(job: Job, number: int, errors: Sequence[str], now: float
 
 def apply_attached(job: Job, action: AttachVolume, now: float) -> Job:
     job = job.model_copy(update={"state": JobState.RUNNING})
-    return job.with_event(now, "running", f"{action.volume_id} attached to {action.instance_id}")
+    number = next((a.number for a in job.attempts if a.instance_id == action.instance_id), None)
+    detail = f"{action.volume_id} attached to {action.instance_id}"
+    return job.with_event(now, "running", detail, number)
 
 
 def apply_leave_asked(job: Job, action: LeaveOnDemand, now: float) -> Job:
@@ -990,6 +1027,7 @@ class Reconciler:
     render_user_data: Callable[[Job, Attempt], str]
     clock: Callable[[], float]
     fleet: FleetRecords | None = None  # None: each job plans on its own record alone
+    bucket: str = ""  # the stage's results bucket, for records that predate results_uri
     max_passes: int = 4
     calls: list[str] = field(default_factory=list)  # what the last pass did (for tests/bench)
 
@@ -1021,6 +1059,11 @@ class Reconciler:
         now = self.clock()
         try:
             job = signal(stored, now) if signal is not None else stored
+            if job.results_uri is None and self.bucket and job.spec.results_s3_uri is None:
+                # Stored before jobs kept it: where runtime.s3_prefix_for sends its syncs.
+                job = job.model_copy(
+                    update={"results_uri": f"s3://{self.bucket}/jobs/{job.job_id}"}
+                )
             # Look up only what decide asks for: a recovery needs prices, not a describe.
             observed = Observed()
             decision = decide(job, observed, now, sweeping)

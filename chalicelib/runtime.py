@@ -113,6 +113,7 @@ def build(config: Config) -> ControlPlane:
         render_user_data=user_data,
         clock=time.time,
         fleet=fleet,
+        bucket=config.bucket,
     )
     service = JobService(
         store,

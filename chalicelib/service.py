@@ -39,6 +39,7 @@ from chalicelib.log import logger
 from chalicelib.models import (
     ENDED_COMPLETED,
     ENDED_FAILED,
+    ENDED_INTERRUPTED,
     ENDED_RECLAIMED,
     ENDED_SHUT_DOWN,
     Attempt,
@@ -491,6 +492,10 @@ def _report_signal(report: AgentReport) -> Callable[[Job, float], Job]:
             return job
         if report.kind in ("interrupted", "exited"):
             job = _note_final_sync(job, report)
+        if report.kind == "interrupted" and attempt.end_reason == ENDED_SHUT_DOWN:
+            # Its word came after its instance was seen gone: a notice, not a silence.
+            noticed = attempt.model_copy(update={"end_reason": ENDED_INTERRUPTED})
+            job = job.replace_attempt(noticed)
         detail = report.detail
         if report.kind == "exited":
             if job.exit_code is not None or attempt.end_reason == ENDED_FAILED:

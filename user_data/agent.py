@@ -647,7 +647,7 @@ class Agent:
                 return self.finish(workload, code)
             leave = self.metadata.probe("tags/instance/" + LEAVE_TAG)
             if leave is not None:
-                return self.interrupted(workload, f"asked to leave on-demand for spot ({leave})")
+                return self.interrupted(workload, f"asked to leave ({leave})")
             rebalance = self.metadata.probe("events/recommendations/rebalance")
             if rebalance is not None and rebalance != rebalance_seen:
                 LOG.warning("rebalance recommendation: %s", rebalance)
@@ -688,8 +688,10 @@ class Agent:
         synced = self.store.push(until=deadline - 5, hard=known)
         detail = f"{notice.strip()}; workload exit {code}; sync {'ok' if synced else 'FAILED'}"
         self.reporter.drain(5)
+        # A workload still running after its KILL (a hung docker) may write on.
+        done = synced and not workload.running()
         self.reporter.report(
-            "interrupted", detail=detail, until=deadline, synced=self.store.told(synced)
+            "interrupted", detail=detail, until=deadline, synced=self.store.told(done)
         )
         self.store.push_logs(self.settings.log_dir)
         # Going now frees the volume for the replacement.
@@ -702,7 +704,7 @@ class Agent:
         synced = self.store.push(until=time.monotonic() + FINAL_SYNC_SECONDS)
         sync = f"sync {'ok' if synced else 'FAILED'}"
         detail = f"{workload.error}; {sync}" if workload.error else sync
-        return self.exit_report(code, detail, self.store.told(synced))
+        return self.exit_report(code, detail, self.store.told(synced and not workload.running()))
 
     def failed(self, exc: BaseException) -> int:
         # An error of the agent's own: the workload (if it ran) is stopped and its
@@ -714,14 +716,17 @@ class Agent:
         notice = self.notice
         if notice is None:
             with contextlib.suppress(Exception):
-                notice = self.stop_reason or self.metadata.probe("spot/instance-action")
+                leave = self.metadata.probe("tags/instance/" + LEAVE_TAG)
+                asked = f"asked to leave ({leave})" if leave is not None else None
+                notice = self.stop_reason or self.metadata.probe("spot/instance-action") or asked
         deadline, grace, _ = self.stop_window(notice)
         synced = None  # nothing ran, or it could not be stopped and synced
         with contextlib.suppress(Exception):
             if workload is not None:
                 if workload.running():
                     workload.stop(p.stop_signal, grace)
-                synced = self.store.told(self.store.push(until=deadline - 5, hard=True))
+                pushed = self.store.push(until=deadline - 5, hard=True)
+                synced = self.store.told(pushed and not workload.running())
         if notice is None:
             return self.exit_report(AGENT_FAILED, f"agent failed: {exc!r}", synced)
         with contextlib.suppress(Exception):  # a report that fails must not skip shutdown

@@ -494,7 +494,7 @@ def assert_every_target_is_the_templates(session: boto3.session.Session, stage: 
             assert target.get("RetryPolicy") == wanted[rule], rule
 
 
-def test_after_bootstrap_every_rule_target_has_the_templates_dlq_and_retries(
+def test_every_rule_target_gets_the_templates_dlq_and_retries_after_each_chalice_deploy(
     session, config
 ) -> None:
     stage = names(session)
@@ -502,15 +502,6 @@ def test_after_bootstrap_every_rule_target_has_the_templates_dlq_and_retries(
     chalice_deploys_its_rules(stage.account)
     Bootstrap(session, stage, config).run()
     assert_every_target_is_the_templates(session, stage)
-
-
-def test_each_chalice_deploy_drops_them_and_the_bootstrap_after_it_puts_them_back(
-    session, config
-) -> None:
-    stage = names(session)
-    Bootstrap(session, stage, config).run()
-    chalice_deploys_its_rules(stage.account)
-    Bootstrap(session, stage, config).run()
 
     # A redeploy (the one that passes the API URL, or any later code change)...
     chalice_deploys_its_rules(stage.account)

@@ -109,7 +109,7 @@ def test_deadline_job_started_on_demand_for_want_of_spot_leaves_it_for_spot_when
     assert leaving["attempt"] == first["number"]
     reports = [e for e in events_of(job, "agent-interrupted") if e["attempt"] == first["number"]]
     assert reports, timeline
-    assert reports[0]["detail"].startswith("asked to leave on-demand for spot"), reports
+    assert reports[0]["detail"].startswith("asked to leave ("), reports
     # The volume went with the job: created once, attached to both instances.
     volume_id = job["volume"]["volume_id"]
     assert [e["detail"] for e in events_of(job, "volume-created")] == [volume_id]

@@ -577,6 +577,7 @@ def test_an_api_handler_without_its_url_learns_it_from_api_gateway(
             "httpMethod": "POST",
             "path": "/api/jobs",
             "stage": "api",
+            "apiId": "a1b2c3d4e5",
             "domainName": domain,
             "identity": {"sourceIp": "203.0.113.7"},
         },

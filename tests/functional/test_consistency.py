@@ -141,3 +141,29 @@ def test_an_instance_whose_agent_told_of_a_notice_was_interrupted(env: Env) -> N
     job = env.job(job_id)
     assert job["attempts"][0]["end_reason"] == "interrupted"
     assert len(job["attempts"]) == 2
+
+
+def test_instances_the_volume_never_reached_are_not_counted(env: Env) -> None:
+    # Bootstrap gives up on a volume that never comes (a detach that hangs), untold, so
+    # that a new instance may get it: no sign the API is out of reach.
+    shut = instance_initiated_shutdowns()
+    job_id = env.submit()["job_id"]
+    for _ in range(3):
+        instance = env.job(job_id)["attempts"][-1]["instance_id"]
+        env.clock.advance(600)
+        shut_down(env, instance, shut)  # before its volume was ever attached
+        env.clock.advance(60)
+        env.cloud.sweep()
+    job = env.job(job_id)
+    assert job["state"] != "FAILED", job["failure"]
+    assert len(job["attempts"]) == 4
+
+
+def test_a_record_from_before_results_uri_gets_the_stage_bucket_s(env: Env) -> None:
+    job_id = env.submit()["job_id"]
+    store = runtime.control_plane().store
+    old = store.get(job_id)
+    store.save(old.model_copy(update={"results_uri": None}))  # as stored before
+    env.clock.advance(60)
+    env.cloud.sweep()
+    assert env.job(job_id)["results_uri"] == f"s3://spotctl-results/jobs/{job_id}"

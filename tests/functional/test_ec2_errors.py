@@ -16,6 +16,7 @@ from botocore.awsrequest import AWSResponse, HTTPHeaders
 from chalicelib import runtime
 from tests.functional.conftest import Env
 from tests.functional.test_faults import running
+from tests.functional.test_recovery_loop import drained
 
 
 class Refusal:
@@ -128,12 +129,11 @@ def test_a_throttled_create_volume_is_tried_again(env: Env) -> None:
 def test_a_volume_ec2_will_not_delete_on_cancel_is_kept_and_the_job_cancelled(
     env: Env,
 ) -> None:
-    job_id, _, volume_id = running(env)
+    job_id, first, volume_id = running(env)
     env.report(job_id, {"attempt": 1, "kind": "checkpoint_synced"})
     refusal = Refusal("DeleteVolume", "UnauthorizedOperation", "not authorized: ec2:DeleteVolume")
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
-    final = {"attempt": 1, "kind": "interrupted", "detail": "sync ok", "synced": True}
-    assert env.report(job_id, final).status_code == 200  # its agent, at the terminate
+    drained(env, job_id, first, {"synced": True})
     env.cloud.sweep()
     job = env.job(job_id)
     assert job["state"] == "CANCELLED"

@@ -332,7 +332,9 @@ def test_a_job_synced_to_the_deployment_bucket_restores_from_it_too(env: Env) ->
 def test_deleted_volume_without_an_s3_copy_fails_the_job(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(runtime.control_plane().service, "bucket", None)  # a stage without one
+    plane = runtime.control_plane()  # a stage without a results bucket
+    monkeypatch.setattr(plane.service, "bucket", None)
+    monkeypatch.setattr(plane.reconciler, "bucket", "")
     job_id, first, volume_id = running(env)
     assert env.job(job_id)["results_uri"] is None
     env.clock.advance(HOUR)

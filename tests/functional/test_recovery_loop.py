@@ -15,7 +15,7 @@ import pytest
 from botocore.awsrequest import AWSResponse, HTTPHeaders
 
 from chalicelib import runtime
-from chalicelib.reconcile import CANCEL_VOLUME_WAIT_SECONDS
+from chalicelib.reconcile import CANCEL_VOLUME_WAIT_SECONDS, LEAVE_DRAIN_SECONDS
 from tests.functional.conftest import Env
 
 HOUR = 3600.0
@@ -332,12 +332,34 @@ def test_cancel_while_recovering_leaves_no_instance(env: Env) -> None:
     assert all(a["end_reason"] for a in env.job(job_id)["attempts"])
 
 
-def test_cancel_with_delete_volume_keeps_a_volume_never_synced(env: Env) -> None:
-    job_id, _, volume_id = running_job(env, results_s3_uri="s3://bucket/run")
+def drained(env: Env, job_id: str, instance_id: str, report: dict[str, Any] | None) -> None:
+    """A cancel that deletes the volume asks the instance to leave (the tag its agent
+    watches) instead of terminating it: the agent stops the workload, syncs, sends
+    ``report`` (None: it never answers) and shuts the instance down."""
+    tags = env.ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
+    assert "spotctl:leave" in {t["Key"] for t in tags["Tags"]}
+    reservations = env.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+    assert reservations[0]["Instances"][0]["State"]["Name"] == "running"  # not terminated
+    if report is None:
+        return
+    told = {"attempt": 1, "kind": "interrupted", "detail": "asked to leave", **report}
+    assert env.report(job_id, told).status_code == 200
+    env.ec2.terminate_instances(InstanceIds=[instance_id])  # its shutdown
+    env.cloud.state_change(instance_id, "terminated")
+
+
+def test_cancel_with_delete_volume_keeps_the_volume_of_an_agent_that_never_answers(
+    env: Env,
+) -> None:
+    job_id, first, volume_id = running_job(env, results_s3_uri="s3://bucket/run")
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
+    drained(env, job_id, first, None)
+    env.clock.advance(90 + LEAVE_DRAIN_SECONDS + 1)  # the job's grace and the drain's time
     env.cloud.sweep()
+    assert env.cloud.live_instances(job_id) == []  # terminated after all
+    env.cloud.state_change(first, "terminated")
     job = env.job(job_id)
-    assert job["state"] == "CANCELLING"  # the agent's final report may still come
+    assert job["state"] == "CANCELLING"  # a late final report may still come
     assert job["events"][-1]["kind"] == "volume-wait"
     env.clock.advance(CANCEL_VOLUME_WAIT_SECONDS)
     env.cloud.sweep()
@@ -349,13 +371,14 @@ def test_cancel_with_delete_volume_keeps_a_volume_never_synced(env: Env) -> None
 
 
 def test_cancel_with_delete_volume_deletes_a_volume_whose_final_sync_worked(env: Env) -> None:
-    job_id, _, volume_id = running_job(env)
+    job_id, first, volume_id = running_job(env)
     env.report(job_id, {"attempt": 1, "kind": "checkpoint_synced"})
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
-    final = {"attempt": 1, "kind": "interrupted", "detail": "sync ok", "synced": True}
-    assert env.report(job_id, final).status_code == 200
+    drained(env, job_id, first, {"synced": True})
     env.cloud.sweep()
-    assert env.job(job_id)["state"] == "CANCELLED"
+    job = env.job(job_id)
+    assert job["state"] == "CANCELLED"
+    assert [a["end_reason"] for a in job["attempts"]] == ["cancelled"]
     remaining = env.ec2.describe_volumes(Filters=[{"Name": "volume-id", "Values": [volume_id]}])
     assert remaining["Volumes"] == []
 
@@ -369,20 +392,20 @@ def test_cancel_keeps_a_volume_written_after_its_last_sync(env: Env) -> None:
     env.cloud.reclaim(first)
     env.cloud.state_change(first, "terminated")
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
-    sweeps(env, 2)
+    sweeps(env, 2)  # the relaunched instance is asked to drain; it does not answer
     env.clock.advance(CANCEL_VOLUME_WAIT_SECONDS)
-    sweeps(env, 1)
+    sweeps(env, 2)  # terminated after the drain's time; then the volume is decided on
     job = env.job(job_id)
     assert job["state"] == "CANCELLED"
     assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
     assert "volume-deleted" not in [e["kind"] for e in job["events"]]
     # Said as it is: a final sync that failed is no better.
-    job_id, _, volume_id = running_job(env)
+    job_id, second, volume_id = running_job(env)
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
-    failed = {"attempt": 1, "kind": "interrupted", "detail": "sync FAILED", "synced": False}
-    assert env.report(job_id, failed).status_code == 200
+    drained(env, job_id, second, {"synced": False})
     env.clock.advance(CANCEL_VOLUME_WAIT_SECONDS)
     sweeps(env, 1)
+    assert env.job(job_id)["state"] == "CANCELLED"
     assert env.ec2.describe_volumes(VolumeIds=[volume_id])["Volumes"]
 
 
@@ -400,9 +423,7 @@ def test_cancel_deletes_the_volume_once_it_is_detached(env: Env) -> None:
     ec2 = runtime.control_plane().reconciler.ec2._client
     ec2.meta.events.register("after-call.ec2.DescribeVolumes", still_in_use)
     env.client.http.delete(f"/jobs/{job_id}?delete_volume=true")
-    final = {"attempt": 1, "kind": "interrupted", "detail": "sync ok", "synced": True}
-    assert env.report(job_id, final).status_code == 200
-    env.cloud.state_change(first, "terminated")
+    drained(env, job_id, first, {"synced": True})
     sweeps(env, 2)
     job = env.job(job_id)
     assert job["state"] == "CANCELLING"

@@ -97,6 +97,18 @@ def volume(state: str = "in-use", attached_to: str | None = "i-1", az: str = AZ)
 
 
 RUNNING_1 = job(JobState.RUNNING, (attempt(1, "i-1", running_at=NOW - 3000),))
+
+
+def deleting(**update: object) -> Job:
+    """RUNNING_1, cancelled with delete_volume, its results in S3."""
+    base = {
+        "cancel_requested_at": NOW,
+        "delete_volume_on_cancel": True,
+        "results_uri": "s3://bucket/jobs/j",
+    }
+    return RUNNING_1.model_copy(update={**base, **update})
+
+
 WARNED_1 = job(JobState.RUNNING, (attempt(1, "i-1", running_at=NOW - 3000, warned_at=NOW),))
 # The workload exited 2; the spec allows one restart on errors.
 FAILED_1 = RUNNING_1.model_copy(
@@ -374,56 +386,34 @@ ROWS = [
     ),
     Row(
         "cancelled with delete_volume, the last instance's final sync reported: deleted",
-        RUNNING_1.model_copy(
-            update={
-                "cancel_requested_at": NOW,
-                "delete_volume_on_cancel": True,
-                "results_uri": "s3://bucket/jobs/j",
-                "final_sync_attempt": 1,
-            }
-        ),
+        deleting(final_sync_attempt=1),
         Observed(instances(**{"i-1": "terminated"}), volume("available", None)),
         JobState.CANCELLED,
         [DeleteVolume],
     ),
     Row(
         "cancelled with delete_volume, synced, volume still attached: wait for it",
-        RUNNING_1.model_copy(
-            update={
-                "cancel_requested_at": NOW,
-                "delete_volume_on_cancel": True,
-                "results_uri": "s3://bucket/jobs/j",
-                "final_sync_attempt": 1,
-            }
-        ),
+        deleting(final_sync_attempt=1),
         Observed(instances(**{"i-1": "terminated"}), volume("in-use", "i-1")),
         JobState.CANCELLING,
     ),
     Row(
         "cancelled with delete_volume, only a periodic sync: wait for the final one",
-        RUNNING_1.model_copy(
-            update={
-                "cancel_requested_at": NOW,
-                "delete_volume_on_cancel": True,
-                "results_uri": "s3://bucket/jobs/j",
-                "data_synced_at": NOW - 10,
-            }
-        ),
+        deleting(data_synced_at=NOW - 10),
         Observed(instances(**{"i-1": "terminated"}), volume("available", None)),
         JobState.CANCELLING,
     ),
     Row(
         "cancelled with delete_volume, no final sync within the wait: volume kept",
-        RUNNING_1.model_copy(
-            update={
-                "cancel_requested_at": NOW - CANCEL_VOLUME_WAIT_SECONDS,
-                "delete_volume_on_cancel": True,
-                "results_uri": "s3://bucket/jobs/j",
-                "data_synced_at": NOW - 10,
-            }
-        ),
+        deleting(cancel_requested_at=NOW - CANCEL_VOLUME_WAIT_SECONDS, data_synced_at=NOW - 10),
         Observed(instances(**{"i-1": "terminated"}), volume("available", None)),
         JobState.CANCELLED,
+    ),
+    Row(
+        "cancelled with delete_volume, a volume EC2 does not show yet: wait, not gone",
+        deleting(final_sync_attempt=1, volume=VOLUME.model_copy(update={"created_at": NOW - 10})),
+        Observed(instances(**{"i-1": "terminated"}), VolumeView(VOLUME.volume_id, "missing")),
+        JobState.CANCELLING,
     ),
     Row(
         "cancelled with delete_volume, no S3 copy at all: volume kept at once",

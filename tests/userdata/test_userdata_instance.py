@@ -231,7 +231,7 @@ def test_on_xen_the_volume_is_the_attach_device(box: Instance) -> None:
         ("notice", "terminate"),
         # An on-demand instance spotctl leaves for spot: the spotctl:leave tag, which the
         # instance sees in its metadata (tags/instance/spotctl:leave).
-        ("leave tag", "asked to leave on-demand for spot (2026-11-28T12:00:00Z)"),
+        ("leave tag", "asked to leave (2026-11-28T12:00:00Z)"),
         # The OS shuts down (a TerminateInstances, such as spotctl's when an instance it
         # asked to leave does not go): the agent gets SIGTERM; no metadata notice first.
         ("os", "agent got SIGTERM"),
