@@ -458,6 +458,11 @@ class Job(BaseModel):
     failure: str | None = None
 
     @property
+    def results_prefix(self) -> str | None:
+        """Where the job's checkpoints and results go in S3 (None: nowhere)."""
+        return self.results_uri or self.spec.results_s3_uri
+
+    @property
     def current(self) -> Attempt | None:
         return self.attempts[-1] if self.attempts else None
 

@@ -108,6 +108,7 @@ def _schemas() -> dict[str, Any]:
             "cancel_requested_at": {"type": ["string", "null"], "format": "date-time"},
             "delete_volume_on_cancel": {"type": "boolean"},
             "results_uri": {"type": ["string", "null"]},
+            "data_synced_at": {"type": ["string", "null"], "format": "date-time"},
             "events": {"type": "array", "items": {"type": "object"}},
         },
     }

@@ -519,7 +519,6 @@ def _cancel(job: Job, observed: Observed, now: float, terminate: list[str]) -> D
     if not gone and ((why_kept is None and not free) or report_due):
         # The instance is gone, but its volume may still be detaching, and the agent's
         # last report (its final sync) may still be on its way: wait for both, a while.
-        since = job.cancel_requested_at if job.cancel_requested_at is not None else now
         if now - since < CANCEL_VOLUME_WAIT_SECONDS:
             job = job.model_copy(update={"state": JobState.CANCELLING})
             if job.timeline[-1].kind != "volume-wait":
@@ -562,7 +561,7 @@ def _why_volume_kept(job: Job) -> tuple[str | None, bool]:
     ran = [a.number for a in job.attempts if a.instance_id is not None]
     if not ran:
         return None, False
-    if (job.results_uri or job.spec.results_s3_uri) is None:
+    if job.results_prefix is None:
         return "the job has no S3 prefix: its data is on the volume alone", False
     if job.final_sync_attempt != ran[-1]:
         return f"attempt {ran[-1]} did not report a final sync to S3 that worked", True
@@ -673,7 +672,7 @@ def _volume_lost(job: Job, observed: Observed, now: float, terminate: list[str])
     """The job's volume is gone: restart from S3 on a new volume, or fail."""
     volume = job.volume
     assert volume is not None
-    if not volume.created_by_spotctl or (job.results_uri or job.spec.results_s3_uri) is None:
+    if not volume.created_by_spotctl or job.results_prefix is None:
         job = _fail(job, now, f"volume {volume.volume_id} was lost and no S3 copy exists")
         return Decision(job, _terminate(terminate, _alive_ids(job, observed, now)))
     lost = 1 + sum(1 for e in job.timeline if e.kind == "volume-lost")

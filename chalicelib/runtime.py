@@ -78,10 +78,8 @@ def agent_params(job: Job, attempt: Attempt, config: Config, secret: str) -> Age
 
 
 def s3_prefix_for(job: Job, config: Config) -> str | None:
-    if job.results_uri:
-        return job.results_uri
-    if job.spec.results_s3_uri:
-        return job.spec.results_s3_uri
+    if job.results_prefix:
+        return job.results_prefix
     return f"s3://{config.bucket}/jobs/{job.job_id}" if config.bucket else None
 
 

@@ -575,6 +575,7 @@ def job_view(job: Job, now: float) -> dict[str, Any]:
         "cancel_requested_at": iso(job.cancel_requested_at),
         "delete_volume_on_cancel": job.delete_volume_on_cancel,
         "results_uri": job.results_uri,
+        "data_synced_at": iso(job.data_synced_at),
         "attempts": [
             {
                 "number": a.number,
