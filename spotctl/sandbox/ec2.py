@@ -683,6 +683,15 @@ class SandboxEc2:
                     "IncorrectState",
                     f"Instance '{instance_id}' is not 'running' (it is '{state}').",
                 )
+            # One device name, one volume: the image's own mappings count too (moto
+            # takes a second volume at a name in use).
+            taken = {m.get("DeviceName") for m in instance.get("BlockDeviceMappings", [])}
+            if device in taken:
+                raise Ec2Error(
+                    "InvalidParameterValue",
+                    f"Invalid value '{device}' for unixDevice. "
+                    f"Attachment point {device} is already in use",
+                )
             answer = self.upstream.send_ec2(request, request.params)
         if answer.status == 200:
             info = self._set_volume(instance_id, volume_id, device)

@@ -362,12 +362,23 @@ class InstanceEmulator:
     # -- shutting down -----------------------------------------------------------------
 
     def shutdown_soon(self, instance_id: str) -> None:
-        """``shutdown -h now``: terminate through the EC2 API, after the shim returns."""
+        """``shutdown -h now``, after the shim returns: the instance's
+        ``InstanceInitiatedShutdownBehavior`` decides, as on EC2 (its default is stop;
+        a spot instance here is always terminated)."""
 
         def terminate() -> None:
             try:
+                ec2 = self.cloud.client("ec2")
+                info = self.cloud.ec2.instance(instance_id)
+                if info is not None and info.market != "spot":
+                    behavior = ec2.describe_instance_attribute(
+                        InstanceId=instance_id, Attribute="instanceInitiatedShutdownBehavior"
+                    )["InstanceInitiatedShutdownBehavior"]["Value"]
+                    if behavior == "stop":
+                        ec2.stop_instances(InstanceIds=[instance_id])
+                        return
                 self.cloud.ec2.note_shutdown_from_inside(instance_id)
-                self.cloud.client("ec2").terminate_instances(InstanceIds=[instance_id])
+                ec2.terminate_instances(InstanceIds=[instance_id])
             except Exception:
                 logger.exception("shutdown of %s failed", instance_id)
 

@@ -237,3 +237,17 @@ def test_shutdown_terminates_the_instance_and_no_gpu_or_docker_is_there(
     assert cloud.ec2.instance_state(instance_id) == "terminated"
     assert emulator.instances[instance_id].ended
     assert marked_pids(emulator.instances[instance_id].marker) == []
+
+
+@pytest.mark.parametrize(("behavior", "ends"), [(None, "stopped"), ("terminate", "terminated")])
+def test_an_on_demand_instance_s_shutdown_does_what_its_launch_asked(
+    ec2: Any, cloud: LocalCloud, emulator: InstanceEmulator, behavior: str | None, ends: str
+) -> None:
+    # EC2's default for a shutdown from inside is stop: spotctl asks for terminate.
+    extra = {"InstanceInitiatedShutdownBehavior": behavior} if behavior else {}
+    instance_id = boot(ec2, cloud, emulator, spot=False, **extra)
+    assert shim(emulator, instance_id, "shutdown", "-h", "now").returncode == 0
+    for thread in emulator._shutdowns:
+        thread.join(timeout=10)
+    cloud.pump()
+    assert cloud.ec2.instance_state(instance_id) == ends

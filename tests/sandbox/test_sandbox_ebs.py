@@ -122,3 +122,17 @@ def test_a_volume_from_a_snapshot_is_at_least_the_snapshot_s_size(ec2: Any) -> N
     for size in ({"Size": 10}, {"Size": 11}, {}):
         made = ec2.create_volume(AvailabilityZone="us-east-1a", SnapshotId=snapshot, **size)
         assert made["Size"] == size.get("Size", 10)
+
+
+def test_a_device_name_in_use_on_the_instance_is_refused(ec2: Any) -> None:
+    instance_id = launch(ec2, az="us-east-1a", spot=False)
+    first, second = (
+        ec2.create_volume(AvailabilityZone="us-east-1a", Size=10)["VolumeId"] for _ in range(2)
+    )
+    ec2.attach_volume(VolumeId=first, InstanceId=instance_id, Device="/dev/sdf")
+    with pytest.raises(ClientError) as exc:
+        ec2.attach_volume(VolumeId=second, InstanceId=instance_id, Device="/dev/sdf")
+    assert code(exc) == "InvalidParameterValue"
+    assert "Attachment point /dev/sdf is already in use" in str(exc.value)
+    assert volume(ec2, first)["Attachments"][0]["InstanceId"] == instance_id  # unmoved
+    assert ec2.attach_volume(VolumeId=second, InstanceId=instance_id, Device="/dev/sdg")
