@@ -155,11 +155,12 @@ def _learn_api_url(request: Request) -> None:
     """On a stage that could not give the API handler its own URL, read it from the
     request: API Gateway names the domain and the stage it was called on. Only its
     own execute-api domain is taken, never a Host a client could send."""
-    if runtime.control_plane().config.api_url:
+    config = runtime.control_plane().config
+    if config.api_url:
         return
     context = request.context or {}
     domain, stage = str(context.get("domainName", "")), str(context.get("stage", ""))
-    api, region = str(context.get("apiId", "")), runtime.control_plane().config.region
+    api, region = str(context.get("apiId", "")), config.region
     own = rf"{re.escape(api)}\.execute-api\.{re.escape(region)}\.amazonaws\.com(\.cn)?"
     if api and re.fullmatch(own, domain) and re.fullmatch(r"[A-Za-z0-9_-]+", stage):
         runtime.learn_api_url(f"https://{domain}/{stage}")

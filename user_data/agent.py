@@ -645,9 +645,9 @@ class Agent:
                 return self.interrupted(workload, notice)
             if code is not None:
                 return self.finish(workload, code)
-            leave = self.metadata.probe("tags/instance/" + LEAVE_TAG)
+            leave = self.asked_to_leave()
             if leave is not None:
-                return self.interrupted(workload, f"asked to leave ({leave})")
+                return self.interrupted(workload, leave)
             rebalance = self.metadata.probe("events/recommendations/rebalance")
             if rebalance is not None and rebalance != rebalance_seen:
                 LOG.warning("rebalance recommendation: %s", rebalance)
@@ -662,6 +662,17 @@ class Agent:
                 capping = threading.Thread(target=cap_log, args=log_args, daemon=True)
                 capping.start()
             workload.wait(self.settings.poll_seconds)
+
+    def asked_to_leave(self) -> str | None:
+        # The leave tag (spotctl moving off on-demand, or a cancel that deletes the
+        # volume), as a notice; None when it is not there.
+        leave = self.metadata.probe("tags/instance/" + LEAVE_TAG)
+        return f"asked to leave ({leave})" if leave is not None else None
+
+    def synced(self, pushed: bool, workload: Workload) -> bool | None:
+        # What a last report says of its sync: worked, and nothing of the workload still
+        # runs to write after it (a hung docker); nothing when there is no S3 copy.
+        return self.store.told(pushed and not workload.running())
 
     def stop_window(self, notice: str | None) -> tuple[float, float, bool]:
         # When the instance goes (monotonic), the workload's grace, and whether that
@@ -687,15 +698,7 @@ class Agent:
         code = workload.stop(p.stop_signal, grace)
         synced = self.store.push(until=deadline - 5, hard=known)
         detail = f"{notice.strip()}; workload exit {code}; sync {'ok' if synced else 'FAILED'}"
-        self.reporter.drain(5)
-        # A workload still running after its KILL (a hung docker) may write on.
-        done = synced and not workload.running()
-        self.reporter.report(
-            "interrupted", detail=detail, until=deadline, synced=self.store.told(done)
-        )
-        self.store.push_logs(self.settings.log_dir)
-        # Going now frees the volume for the replacement.
-        return shutdown()
+        return self.interrupted_report(detail, deadline, self.synced(synced, workload))
 
     def finish(self, workload: Workload, code: int) -> int:
         LOG.info("workload exited with %d", code)
@@ -704,7 +707,7 @@ class Agent:
         synced = self.store.push(until=time.monotonic() + FINAL_SYNC_SECONDS)
         sync = f"sync {'ok' if synced else 'FAILED'}"
         detail = f"{workload.error}; {sync}" if workload.error else sync
-        return self.exit_report(code, detail, self.store.told(synced and not workload.running()))
+        return self.exit_report(code, detail, self.synced(synced, workload))
 
     def failed(self, exc: BaseException) -> int:
         # An error of the agent's own: the workload (if it ran) is stopped and its
@@ -716,24 +719,25 @@ class Agent:
         notice = self.notice
         if notice is None:
             with contextlib.suppress(Exception):
-                leave = self.metadata.probe("tags/instance/" + LEAVE_TAG)
-                asked = f"asked to leave ({leave})" if leave is not None else None
-                notice = self.stop_reason or self.metadata.probe("spot/instance-action") or asked
+                action = self.metadata.probe("spot/instance-action")
+                notice = self.stop_reason or action or self.asked_to_leave()
         deadline, grace, _ = self.stop_window(notice)
         synced = None  # nothing ran, or it could not be stopped and synced
         with contextlib.suppress(Exception):
             if workload is not None:
                 if workload.running():
                     workload.stop(p.stop_signal, grace)
-                pushed = self.store.push(until=deadline - 5, hard=True)
-                synced = self.store.told(pushed and not workload.running())
+                synced = self.synced(self.store.push(until=deadline - 5, hard=True), workload)
         if notice is None:
             return self.exit_report(AGENT_FAILED, f"agent failed: {exc!r}", synced)
+        return self.interrupted_report(f"{notice.strip()}; agent failed: {exc!r}", deadline, synced)
+
+    def interrupted_report(self, detail: str, deadline: float, synced: bool | None) -> int:
+        self.reporter.drain(5)
         with contextlib.suppress(Exception):  # a report that fails must not skip shutdown
-            self.reporter.drain(5)
-            detail = f"{notice.strip()}; agent failed: {exc!r}"
             self.reporter.report("interrupted", detail=detail, until=deadline, synced=synced)
             self.store.push_logs(self.settings.log_dir)
+        # Going now frees the volume for the replacement.
         return shutdown()
 
     def exit_report(self, code: int, detail: str, synced: bool | None = None) -> int:
